@@ -1,0 +1,377 @@
+"""Effective mutual information (EMI), its difference across distributions (EMID), and EMID's upper bound.
+
+Oh et al., "Understanding Multimodal LLMs Under Distribution Shifts: An Information-Theoretic Approach"
+(ICML 2025). For one task (data distribution) with L2-normalised embeddings of the image query z_v, the
+text query z_t, the model's response z_ŷ and a reference response z_y:
+
+    z_x  = (z_v + z_t) / 2
+    EMI  = Î(z_x; z_ŷ) − Î(z_x; z_y)                      (Î: the CLUB estimate, nats)
+    EMID(P, Q) = EMI(P) − EMI(Q)                           (P: in-distribution task, Q: shifted task)
+
+Upper bound on EMID (Theorem 4.5), with D = RJSD (a lower bound on the Jensen-Shannon divergence):
+
+    Ĥ · (D(P_xv‖Q_xv)^½ + D(P_xt‖Q_xt)^½) + 8 · (D(P_ŷ‖P_y) + D(Q_ŷ‖Q_y))^¼
+
+and the scale-adjusted form the paper's code reports (no entropy estimate Ĥ):
+
+    D(P_xv‖Q_xv)^½ + D(P_xt‖Q_xt)^½ + D(P_ŷ‖P_y)^¼ + D(Q_ŷ‖Q_y)^¼.
+
+Without references only the input terms D_v^½ + D_t^½ are available: a partial, label-free risk signal.
+
+Everything here is a pure function of tensors (plus a fitted CLUB), with no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from lmms_emi.estimators.club import CLUB, club_mutual_information
+from lmms_emi.estimators.rjsd import rjsd
+
+__all__ = [
+    "BoundResult",
+    "EMIResult",
+    "Interval",
+    "TaskEmbeddings",
+    "bootstrap_emi",
+    "bootstrap_emid",
+    "effective_mutual_information",
+    "emid",
+    "emid_upper_bound",
+    "partial_upper_bound",
+    "query_embedding",
+]
+
+
+def _as_matrix(z: torch.Tensor, name: str, *, min_rows: int = 2) -> torch.Tensor:
+    """Validate a (n, d) embedding matrix and return it as float32; errors name the argument."""
+    if z is None:
+        raise ValueError(f"{name} is missing")
+    z = torch.as_tensor(z)
+    if z.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (samples, dim) tensor, got shape {tuple(z.shape)}")
+    if z.shape[0] < min_rows:
+        raise ValueError(f"{name} has {z.shape[0]} rows; at least {min_rows} samples are needed")
+    if not torch.isfinite(z).all():
+        bad = int((~torch.isfinite(z)).any(dim=1).nonzero()[0])
+        raise ValueError(f"{name} contains NaN or inf (first at row {bad})")
+    return z.to(torch.float32)
+
+
+def _normalised(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows (idempotent up to round-off)."""
+    return F.normalize(z, p=2, dim=-1)
+
+
+def query_embedding(z_v: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """z_x = (ẑ_v + ẑ_t) / 2 of the L2-normalised image and text query embeddings."""
+    z_v = _as_matrix(z_v, "z_v", min_rows=1)
+    z_t = _as_matrix(z_t, "z_t", min_rows=1)
+    if z_v.shape != z_t.shape:
+        raise ValueError(f"z_v {tuple(z_v.shape)} and z_t {tuple(z_t.shape)} must have the same shape")
+    return (_normalised(z_v) + _normalised(z_t)) / 2
+
+
+@dataclass(frozen=True)
+class TaskEmbeddings:
+    """The embeddings of one task: image query, text query, model response, reference response.
+
+    Unpacks as the 4-tuple ``(z_v, z_t, z_model, z_ref)``; ``z_model``/``z_ref`` may be None when a task
+    has no responses / no references (only the reference-free partial bound is defined then).
+    """
+
+    z_v: torch.Tensor
+    z_t: torch.Tensor
+    z_model: torch.Tensor | None = None
+    z_ref: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor | None]:
+        return iter((self.z_v, self.z_t, self.z_model, self.z_ref))
+
+    @property
+    def n(self) -> int:
+        return int(self.z_v.shape[0])
+
+    @property
+    def query(self) -> torch.Tensor:
+        return query_embedding(self.z_v, self.z_t)
+
+    def subset(self, index: np.ndarray | torch.Tensor) -> TaskEmbeddings:
+        """The rows ``index`` of every matrix (for resampling)."""
+        idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        return TaskEmbeddings(*(None if z is None else z[idx] for z in self))
+
+
+def _task(emb: TaskEmbeddings | tuple, name: str) -> TaskEmbeddings:
+    if isinstance(emb, TaskEmbeddings):
+        return emb
+    try:
+        z_v, z_t, z_model, z_ref = emb
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be TaskEmbeddings or a (z_v, z_t, z_model, z_ref) tuple") from None
+    return TaskEmbeddings(z_v, z_t, z_model, z_ref)
+
+
+def _check_task(emb: TaskEmbeddings, name: str, *, need_responses: bool) -> TaskEmbeddings:
+    """Validate shapes and values of a task's embeddings; return them L2-normalised."""
+    z_v = _as_matrix(emb.z_v, f"{name}.z_v")
+    n, d = z_v.shape
+    out = []
+    for field_name, z in zip(("z_v", "z_t", "z_model", "z_ref"), emb, strict=True):
+        if z is None:
+            if need_responses or field_name in ("z_v", "z_t"):
+                raise ValueError(f"{name}.{field_name} is missing")
+            out.append(None)
+            continue
+        z = _as_matrix(z, f"{name}.{field_name}")
+        if z.shape[0] != n:
+            raise ValueError(f"{name}.{field_name} has {z.shape[0]} rows but {name}.z_v has {n}")
+        if z.shape[1] != d:
+            raise ValueError(f"{name}.{field_name} has dim {z.shape[1]} but {name}.z_v has dim {d}")
+        out.append(_normalised(z))
+    return TaskEmbeddings(*out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# EMI and EMID
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EMIResult:
+    """EMI = mi_model − mi_ref (nats) over ``n`` samples."""
+
+    emi: float
+    mi_model: float
+    mi_ref: float
+    n: int
+
+
+class _PreparedTask:
+    """A task's CLUB quantities, computed once so that any reweighting of its rows is cheap.
+
+    With row weights w (Σ w = 1; w = 1/n for the estimate itself, resampling counts / n for a bootstrap
+    replicate), a = 1/(2σ²), b = μ·a, c = Σ_d μ²·a and pos_i = −Σ_d (y_i − μ_i)²·a_i, the CLUB estimate
+    of I(x; y) on the reweighted sample is
+
+        Î(w) = wᵀpos + (wᵀa)·(wᵀy²) − 2 (wᵀb)·(wᵀy) + wᵀc,
+
+    so B replicates cost one (B, n) @ (n, d) product per term instead of B separate estimates.
+    """
+
+    def __init__(self, mu: torch.Tensor, logvar: torch.Tensor, z_model: torch.Tensor, z_ref: torch.Tensor):
+        mu = mu.to(torch.float64)
+        self.a = 0.5 * torch.exp(-logvar.to(torch.float64))
+        self.b = mu * self.a
+        self.c = (mu * self.b).sum(dim=1)
+        self.targets = []
+        for y in (z_model, z_ref):
+            y = y.to(torch.float64)
+            pos = -((y - mu) ** 2 * self.a).sum(dim=1)
+            self.targets.append((pos, y, y * y))
+        self.n = int(mu.shape[0])
+
+    def weighted_mi(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Î(x; z_model), Î(x; z_ref)) for each row of ``weights`` (B, n)."""
+        w = weights.to(self.a)
+        wa, wb, wc = w @ self.a, w @ self.b, w @ self.c
+        out = []
+        for pos, y, y2 in self.targets:
+            out.append(w @ pos + (wa * (w @ y2)).sum(dim=1) - 2 * (wb * (w @ y)).sum(dim=1) + wc)
+        return out[0], out[1]
+
+    def resampled_emi(self, index: np.ndarray) -> np.ndarray:
+        """EMI for each row of ``index`` (B, m) of resampled row numbers (a 1-D index is one replicate)."""
+        index = np.atleast_2d(np.asarray(index))
+        counts = np.zeros((index.shape[0], self.n))
+        np.add.at(counts, (np.arange(index.shape[0])[:, None], index), 1.0)
+        mi_model, mi_ref = self.weighted_mi(torch.from_numpy(counts / index.shape[1]))
+        return (mi_model - mi_ref).cpu().numpy()
+
+
+def _conditionals(
+    club: CLUB, emb: TaskEmbeddings, name: str
+) -> tuple[TaskEmbeddings, torch.Tensor, torch.Tensor]:
+    """Validated, normalised embeddings and CLUB's μ(z_x), log σ²(z_x) for the task's queries."""
+    emb = _check_task(emb, name, need_responses=True)
+    z_x = (emb.z_v + emb.z_t) / 2
+    if z_x.shape[1] != club.x_dim or emb.z_model.shape[1] != club.y_dim:
+        raise ValueError(
+            f"{name}: embeddings are {z_x.shape[1]}-dim but the estimator takes x of dim {club.x_dim} "
+            f"and y of dim {club.y_dim}"
+        )
+    mu, logvar = club.conditional_params(z_x)
+    return emb, mu, logvar
+
+
+def _prepare(club: CLUB, emb: TaskEmbeddings, name: str) -> _PreparedTask:
+    emb, mu, logvar = _conditionals(club, emb, name)
+    return _PreparedTask(mu, logvar, emb.z_model.to(mu.device), emb.z_ref.to(mu.device))
+
+
+def effective_mutual_information(
+    club: CLUB,
+    z_v: torch.Tensor,
+    z_t: torch.Tensor,
+    z_model: torch.Tensor,
+    z_ref: torch.Tensor,
+    *,
+    leave_one_out: bool = False,
+) -> EMIResult:
+    """EMI = Î(z_x; z_ŷ) − Î(z_x; z_y) with z_x = (ẑ_v + ẑ_t)/2; rows are L2-normalised here first."""
+    emb, mu, logvar = _conditionals(club, TaskEmbeddings(z_v, z_t, z_model, z_ref), "task")
+    mi_model = club_mutual_information(mu, logvar, emb.z_model.to(mu.device), leave_one_out=leave_one_out)
+    mi_ref = club_mutual_information(mu, logvar, emb.z_ref.to(mu.device), leave_one_out=leave_one_out)
+    return EMIResult(emi=mi_model - mi_ref, mi_model=mi_model, mi_ref=mi_ref, n=emb.n)
+
+
+def emid(p: EMIResult, q: EMIResult) -> float:
+    """EMID(P, Q) = EMI(P) − EMI(Q): how much query-response relevance is lost going from P to Q."""
+    return p.emi - q.emi
+
+
+# --------------------------------------------------------------------------------------------------------
+# Upper bound
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BoundResult:
+    """An EMID upper bound and its RJSD terms (nats). Response terms are None for the partial bound."""
+
+    value: float
+    jsd_visual: float
+    jsd_text: float
+    jsd_response_p: float | None
+    jsd_response_q: float | None
+    form: str  # "scale_adjusted" | "theorem" | "partial" | "partial_theorem"
+
+
+def _input_terms(p: TaskEmbeddings, q: TaskEmbeddings) -> tuple[float, float]:
+    if p.z_v.shape[1] != q.z_v.shape[1] or p.z_t.shape[1] != q.z_t.shape[1]:
+        raise ValueError("P and Q embeddings have different dimensions")
+    return rjsd(p.z_v, q.z_v), rjsd(p.z_t, q.z_t)
+
+
+def emid_upper_bound(
+    p_emb: TaskEmbeddings | tuple,
+    q_emb: TaskEmbeddings | tuple,
+    entropy_scale: float | None = None,
+) -> BoundResult:
+    """Upper bound on EMID(P, Q) from RJSD terms.
+
+    ``entropy_scale=None``: √D_v + √D_t + D_P^¼ + D_Q^¼ (the paper code's scale-adjusted form).
+    ``entropy_scale=Ĥ``:   Ĥ(√D_v + √D_t) + 8(D_P + D_Q)^¼ (Theorem 4.5),
+    with D_v = D(P_xv‖Q_xv), D_t = D(P_xt‖Q_xt), D_P = D(P_ŷ‖P_y), D_Q = D(Q_ŷ‖Q_y).
+    """
+    p = _check_task(_task(p_emb, "p_emb"), "p_emb", need_responses=True)
+    q = _check_task(_task(q_emb, "q_emb"), "q_emb", need_responses=True)
+    jsd_v, jsd_t = _input_terms(p, q)
+    jsd_p, jsd_q = rjsd(p.z_model, p.z_ref), rjsd(q.z_model, q.z_ref)
+    inputs = jsd_v**0.5 + jsd_t**0.5
+    if entropy_scale is None:
+        value, form = inputs + jsd_p**0.25 + jsd_q**0.25, "scale_adjusted"
+    else:
+        if entropy_scale < 0:
+            raise ValueError(f"entropy_scale must be non-negative, got {entropy_scale}")
+        value, form = entropy_scale * inputs + 8.0 * (jsd_p + jsd_q) ** 0.25, "theorem"
+    return BoundResult(value, jsd_v, jsd_t, jsd_p, jsd_q, form)
+
+
+def partial_upper_bound(
+    p_emb: TaskEmbeddings | tuple,
+    q_emb: TaskEmbeddings | tuple,
+    entropy_scale: float | None = None,
+) -> BoundResult:
+    """Reference-free part of the bound: √D_v + √D_t (times Ĥ when ``entropy_scale`` is given).
+
+    Needs only the queries, so it is a label-free risk signal for a shifted task.
+    """
+    p = _check_task(_task(p_emb, "p_emb"), "p_emb", need_responses=False)
+    q = _check_task(_task(q_emb, "q_emb"), "q_emb", need_responses=False)
+    jsd_v, jsd_t = _input_terms(p, q)
+    inputs = jsd_v**0.5 + jsd_t**0.5
+    if entropy_scale is None:
+        return BoundResult(inputs, jsd_v, jsd_t, None, None, "partial")
+    return BoundResult(entropy_scale * inputs, jsd_v, jsd_t, None, None, "partial_theorem")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bootstrap confidence intervals
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Interval:
+    """A percentile bootstrap confidence interval."""
+
+    low: float
+    high: float
+    confidence_level: float
+    n_resamples: int
+
+
+def _percentile_bootstrap(
+    data: tuple[np.ndarray, ...],
+    statistic: Callable[..., np.ndarray],
+    n_resamples: int,
+    confidence_level: float,
+    seed: int,
+) -> Interval:
+    """scipy's percentile bootstrap over row indices; ``statistic(*index_batches, axis=-1)`` is vectorised
+    (each argument is a (batch, n) array of resampled row numbers)."""
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    if not 0 < confidence_level < 1:
+        raise ValueError(f"confidence_level must be in (0, 1), got {confidence_level}")
+    res = stats.bootstrap(
+        data,
+        statistic,
+        n_resamples=n_resamples,
+        confidence_level=confidence_level,
+        method="percentile",
+        paired=False,
+        vectorized=True,
+        batch=256,
+        rng=np.random.default_rng(seed),
+    )
+    ci = res.confidence_interval
+    return Interval(float(ci.low), float(ci.high), confidence_level, n_resamples)
+
+
+def bootstrap_emi(
+    club: CLUB,
+    emb: TaskEmbeddings | tuple,
+    *,
+    n_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval for a task's EMI: samples (rows) are resampled with replacement and
+    EMI re-estimated with the fixed estimator. Deterministic for ``seed``."""
+    prepared = _prepare(club, _task(emb, "emb"), "emb")
+    rows = np.arange(prepared.n)
+    return _percentile_bootstrap(
+        (rows,), lambda idx, axis=-1: prepared.resampled_emi(idx), n_resamples, confidence_level, seed
+    )
+
+
+def bootstrap_emid(
+    club: CLUB,
+    p_emb: TaskEmbeddings | tuple,
+    q_emb: TaskEmbeddings | tuple,
+    *,
+    n_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval for EMID(P, Q), resampling the rows of P and Q independently."""
+    p = _prepare(club, _task(p_emb, "p_emb"), "p_emb")
+    q = _prepare(club, _task(q_emb, "q_emb"), "q_emb")
+    return _percentile_bootstrap(
+        (np.arange(p.n), np.arange(q.n)),
+        lambda ip, iq, axis=-1: p.resampled_emi(ip) - q.resampled_emi(iq),
+        n_resamples,
+        confidence_level,
+        seed,
+    )

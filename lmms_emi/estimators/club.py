@@ -1,0 +1,450 @@
+"""CLUB: the contrastive log-ratio upper bound of mutual information (Cheng et al., ICML 2020).
+
+A variational Gaussian q(y|x) = N(μ(x), diag σ²(x)) is fitted by maximum likelihood; then
+
+    Î(X; Y) = 1/N Σ_i log q(y_i|x_i) − 1/N² Σ_i Σ_j log q(y_j|x_i)
+
+with the constant −½ ln 2πσ² dropped (it cancels between the two terms), i.e. per row i
+
+    pos_i = −Σ_d (y_id − μ_id)² / (2σ²_id)
+    neg_i = −Σ_d (1/N Σ_j (y_jd − μ_id)²) / (2σ²_id)
+          = −Σ_d (m2_d − 2 μ_id m1_d + μ²_id) / (2σ²_id),    m1 = mean_j y_j,  m2 = mean_j y_j²,
+
+so the negative term costs O(N·d) time and memory instead of the O(N²·d) of the pairwise form.
+The negative mean includes j = i, as in the paper's code; the leave-one-out variant (j ≠ i) equals the
+above times N/(N−1) exactly.
+
+The module layout (``p_mu``, ``p_logvar``) matches the paper's estimator, so its state dict loads directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "CLUB",
+    "PAPER_ENCODERS",
+    "CheckpointError",
+    "CheckpointManifest",
+    "EncoderMismatchError",
+    "FitInfo",
+    "club_mutual_information",
+    "encoder_mismatches",
+    "fingerprint",
+]
+
+#: The encoders the paper's estimator (``CLUB_global.pt``) was trained on: CLIP ViT-B/32 patch-token mean of
+#: the last hidden state, and XLM-R-base mean over tokens after the first of hidden state 0.
+PAPER_ENCODERS: dict[str, dict[str, Any]] = {
+    "vision": {"name": "openai/clip-vit-base-patch32", "feature": "patch_mean", "layer": -1, "dim": 768},
+    "text": {"name": "xlm-roberta-base", "feature": "mean_after_first", "layer": 0, "dim": 768},
+}
+
+MANIFEST_KEY = "lmms_emi_manifest"
+FORMAT_NAME = "lmms-emi-club"
+FORMAT_VERSION = 1
+_CHUNK_ROWS = 8192  # rows per chunk of the O(N·d) estimate: bounds the float64 working memory
+
+
+class CheckpointError(ValueError):
+    """A CLUB checkpoint cannot be used: corrupt, unreadable, or of the wrong shape."""
+
+
+class EncoderMismatchError(CheckpointError):
+    """A CLUB checkpoint was trained on embeddings of other encoders than the ones in use."""
+
+
+@dataclass(frozen=True)
+class CheckpointManifest:
+    """What a saved estimator was trained on, stored inside the checkpoint file."""
+
+    x_dim: int
+    y_dim: int
+    hidden_size: int
+    encoders: dict[str, Any]
+    data_fingerprint: str = ""
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointManifest:
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class FitInfo:
+    """How a fit went: steps run, last smoothed loss, whether the plateau stop fired, data fingerprint."""
+
+    steps_run: int
+    final_loss: float
+    stopped_early: bool
+    data_fingerprint: str
+    hyperparameters: dict[str, Any]
+
+
+def encoder_mismatches(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """Differences between two encoder specs, as readable lines ('' list when they agree)."""
+    problems = []
+    for role in sorted(set(expected) | set(actual)):
+        want, got = expected.get(role), actual.get(role)
+        if not isinstance(want, Mapping) or not isinstance(got, Mapping):
+            if want != got:
+                problems.append(f"{role}: checkpoint has {want!r}, embeddings come from {got!r}")
+            continue
+        for key in sorted(set(want) | set(got)):
+            if want.get(key) != got.get(key):
+                problems.append(f"{role}.{key}: checkpoint has {want.get(key)!r}, in use {got.get(key)!r}")
+    return problems
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """sha256 of the tensors' float32 bytes and shapes: identifies the data an estimator was fitted on."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def club_mutual_information(
+    mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, *, leave_one_out: bool = False
+) -> float:
+    """Closed-form CLUB estimate from the conditional means/log-variances of q(y|x_i) and the samples y_i.
+
+    Î = mean_i [pos_i − neg_i] (see the module docstring), computed in float64 in row chunks:
+    O(N·d) time, O(chunk·d) extra memory. ``leave_one_out`` excludes j = i from the negative mean,
+    which multiplies the estimate by N/(N−1).
+    """
+    if mu.shape != y.shape or logvar.shape != y.shape:
+        raise ValueError(f"mu {tuple(mu.shape)}, logvar {tuple(logvar.shape)}, y {tuple(y.shape)} differ")
+    n = y.shape[0]
+    if n < 2:
+        raise ValueError(f"CLUB needs at least 2 samples, got {n}")
+    y64 = y.to(torch.float64)
+    m1 = y64.mean(dim=0)
+    m2 = (y64 * y64).mean(dim=0)
+    total = torch.zeros((), dtype=torch.float64, device=y.device)
+    for start in range(0, n, _CHUNK_ROWS):
+        sl = slice(start, start + _CHUNK_ROWS)
+        mu_c = mu[sl].to(torch.float64)
+        inv_two_var = 0.5 * torch.exp(-logvar[sl].to(torch.float64))
+        pos = -((y64[sl] - mu_c) ** 2 * inv_two_var).sum(dim=1)
+        neg = -((m2 - 2.0 * mu_c * m1 + mu_c * mu_c) * inv_two_var).sum(dim=1)
+        total += (pos - neg).sum()
+    estimate = float(total) / n
+    return estimate * n / (n - 1) if leave_one_out else estimate
+
+
+def _mlp(x_dim: int, hidden: int, y_dim: int, *, bounded: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(x_dim, hidden), nn.Tanh(), nn.Linear(hidden, y_dim)]
+    if bounded:
+        layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CLUB(nn.Module):
+    """Gaussian variational q(y|x) with mean ``p_mu(x)`` and log-variance ``p_logvar(x)`` ∈ (−1, 1).
+
+    ``p_mu = Linear(x_dim, h/2) → Tanh → Linear(h/2, y_dim)``; ``p_logvar`` is the same plus a final Tanh.
+    """
+
+    def __init__(self, x_dim: int = 768, y_dim: int = 768, hidden_size: int = 500) -> None:
+        super().__init__()
+        if min(x_dim, y_dim) < 1 or hidden_size < 2:
+            raise ValueError(f"bad CLUB sizes x_dim={x_dim}, y_dim={y_dim}, hidden_size={hidden_size}")
+        self.x_dim, self.y_dim, self.hidden_size = x_dim, y_dim, hidden_size
+        self.p_mu = _mlp(x_dim, hidden_size // 2, y_dim, bounded=False)
+        self.p_logvar = _mlp(x_dim, hidden_size // 2, y_dim, bounded=True)
+        self.manifest: CheckpointManifest | None = None
+        self.fit_info: FitInfo | None = None
+
+    # -- the model ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional mean and log-variance of q(y|x)."""
+        return self.p_mu(x), self.p_logvar(x)
+
+    def log_likelihood(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Training objective: mean_i Σ_d [−(y_id − μ_id)²/σ²_id − log σ²_id] (2× the Gaussian log-density
+        without its constant)."""
+        mu, logvar = self(x)
+        return (-((mu - y) ** 2) * torch.exp(-logvar) - logvar).sum(dim=1).mean()
+
+    def _check_pairs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        if x.ndim != 2 or y.ndim != 2:
+            raise ValueError(f"x and y must be 2-D, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}: samples must be paired")
+        if x.shape[1] != self.x_dim or y.shape[1] != self.y_dim:
+            raise ValueError(
+                f"this CLUB takes x of dim {self.x_dim} and y of dim {self.y_dim}, "
+                f"got {x.shape[1]} and {y.shape[1]}"
+            )
+        if x.shape[0] < 2:
+            raise ValueError(f"CLUB needs at least 2 paired samples, got {x.shape[0]}")
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise ValueError("x or y contains NaN or inf")
+        device = next(self.parameters()).device
+        return x.to(device, torch.float32), y.to(device, torch.float32)
+
+    @torch.no_grad()
+    def conditional_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ(x), log σ²(x) for all rows, computed in chunks under no_grad."""
+        device = next(self.parameters()).device
+        x = torch.as_tensor(x).to(device, torch.float32)
+        outs = [self(x[i : i + _CHUNK_ROWS]) for i in range(0, x.shape[0], _CHUNK_ROWS)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def mutual_information(self, x: torch.Tensor, y: torch.Tensor, *, leave_one_out: bool = False) -> float:
+        """CLUB estimate of I(X; Y) in nats from paired rows (x_i, y_i); O(N·d) (see module docstring)."""
+        x, y = self._check_pairs(x, y)
+        was_training = self.training
+        self.eval()
+        try:
+            mu, logvar = self.conditional_params(x)
+        finally:
+            self.train(was_training)
+        return club_mutual_information(mu, logvar, y, leave_one_out=leave_one_out)
+
+    # -- training ----------------------------------------------------------------------------------
+    def reset_parameters(self, seed: int) -> None:
+        """Re-draw every Linear layer as PyTorch's default init does, from a CPU generator seeded by ``seed``
+        (identical on any device)."""
+        gen = torch.Generator().manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features)
+                with torch.no_grad():
+                    for p in (module.weight, module.bias):
+                        vals = torch.rand(p.shape, generator=gen, dtype=torch.float32) * 2 * bound - bound
+                        p.copy_(vals.to(p.device))
+
+    def fit(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        steps: int = 5000,
+        batch_size: int = 1024,
+        lr: float = 1e-3,
+        seed: int = 0,
+        warm_start: bool = False,
+        patience: int | None = None,
+        check_every: int = 100,
+        min_rel_improvement: float = 1e-3,
+        progress: bool = True,
+    ) -> CLUB:
+        """Fit q(y|x) by maximising the Gaussian log-likelihood with AdamW on random mini-batches.
+
+        Deterministic for a seed: parameters are re-initialised from ``seed`` (unless ``warm_start``) and
+        batches are drawn from a generator seeded by it. With ``patience`` set, training stops when the
+        loss (averaged over each window of ``check_every`` steps) has not improved by a relative
+        ``min_rel_improvement`` for ``patience`` consecutive windows (off by default, as in the paper).
+        """
+        x, y = self._check_pairs(x, y)
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+        hyper = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": "AdamW"}
+        if patience is not None:
+            hyper.update(patience=patience, check_every=check_every, min_rel_improvement=min_rel_improvement)
+        if not warm_start:
+            self.reset_parameters(seed)
+        gen = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=lr)
+        n = x.shape[0]
+        batch = min(batch_size, n)
+        self.train()
+        best, stale, window_sum, window_len = math.inf, 0, 0.0, 0
+        last_window = math.nan
+        steps_run, stopped_early = 0, False
+        bar = tqdm(range(steps), desc="CLUB fit", disable=not progress, leave=False)
+        for step in bar:
+            idx = torch.randint(n, (batch,), generator=gen).to(x.device)
+            loss = -self.log_likelihood(x[idx], y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps_run = step + 1
+            window_sum += float(loss.detach())
+            window_len += 1
+            if window_len == check_every or steps_run == steps:
+                last_window = window_sum / window_len
+                window_sum, window_len = 0.0, 0
+                bar.set_postfix(loss=f"{last_window:.4f}")
+                if patience is not None:
+                    if last_window < best - min_rel_improvement * abs(best):
+                        best, stale = last_window, 0
+                    else:
+                        stale += 1
+                        if stale >= patience:
+                            stopped_early = True
+                            break
+        bar.close()
+        self.eval()
+        self.fit_info = FitInfo(
+            steps_run=steps_run,
+            final_loss=last_window,
+            stopped_early=stopped_early,
+            data_fingerprint=fingerprint(x, y),
+            hyperparameters=hyper,
+        )
+        return self
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def make_manifest(self, encoders: Mapping[str, Any]) -> CheckpointManifest:
+        """A manifest for this estimator: its sizes, the given encoder spec and, if fitted, the fit data."""
+        info = self.fit_info
+        return CheckpointManifest(
+            x_dim=self.x_dim,
+            y_dim=self.y_dim,
+            hidden_size=self.hidden_size,
+            encoders=dict(encoders),
+            data_fingerprint=info.data_fingerprint if info else "",
+            hyperparameters=dict(info.hyperparameters) if info else {},
+        )
+
+    def save(self, path: str | os.PathLike, manifest: CheckpointManifest) -> Path:
+        """Write the state dict and ``manifest`` as one safetensors file, atomically."""
+        from safetensors.torch import save_file
+
+        if (manifest.x_dim, manifest.y_dim, manifest.hidden_size) != (
+            self.x_dim,
+            self.y_dim,
+            self.hidden_size,
+        ):
+            raise ValueError("manifest sizes do not match this estimator")
+        path = Path(path)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={MANIFEST_KEY: manifest.to_json()}))
+        self.manifest = manifest
+        return path
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        x_dim: int | None = None,
+        y_dim: int | None = None,
+        encoders: Mapping[str, Any] | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> CLUB:
+        """Load the project's safetensors format (with manifest) or the paper's plain ``torch.save``
+        state dict (no manifest; assumed trained on :data:`PAPER_ENCODERS`).
+
+        Raises :class:`CheckpointError` for a missing, corrupt or wrongly shaped file (naming which tensor
+        and why) and :class:`EncoderMismatchError` when ``encoders`` differs from what it was trained on.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"estimator checkpoint {path} does not exist")
+        state, manifest = _read_checkpoint(path)
+        club = cls._from_state(path, state, x_dim=x_dim, y_dim=y_dim)
+        club.manifest = manifest
+        if encoders is not None:
+            trained_on = manifest.encoders if manifest else PAPER_ENCODERS
+            problems = encoder_mismatches(trained_on, encoders)
+            if problems:
+                origin = "its manifest" if manifest else "the paper's encoders (plain state dict)"
+                raise EncoderMismatchError(
+                    f"estimator {path} was trained on other encoders ({origin}): " + "; ".join(problems)
+                )
+        return club.to(map_location)
+
+    @classmethod
+    def _from_state(
+        cls, path: Path, state: Mapping[str, torch.Tensor], *, x_dim: int | None, y_dim: int | None
+    ) -> CLUB:
+        required = [
+            f"{net}.{i}.{p}" for net in ("p_mu", "p_logvar") for i in (0, 2) for p in ("weight", "bias")
+        ]
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise CheckpointError(f"{path} is not a CLUB state dict: missing {', '.join(missing)}")
+        half, ckpt_x = state["p_mu.0.weight"].shape
+        ckpt_y = state["p_mu.2.weight"].shape[0]
+        for name, want in ((" x_dim", (x_dim, ckpt_x)), (" y_dim", (y_dim, ckpt_y))):
+            if want[0] is not None and want[0] != want[1]:
+                raise CheckpointError(
+                    f"{path} has{name}={want[1]} (p_mu.0.weight {tuple(state['p_mu.0.weight'].shape)}, "
+                    f"p_mu.2.weight {tuple(state['p_mu.2.weight'].shape)}), but{name}={want[0]} was requested"
+                )
+        club = cls(ckpt_x, ckpt_y, 2 * half)
+        expected = club.state_dict()
+        for key, tensor in expected.items():
+            got = state.get(key)
+            if got is None or tuple(got.shape) != tuple(tensor.shape):
+                shape = None if got is None else tuple(got.shape)
+                raise CheckpointError(
+                    f"{path}: tensor {key} has shape {shape}, expected {tuple(tensor.shape)}"
+                )
+            if not torch.isfinite(got).all():
+                raise CheckpointError(f"{path}: tensor {key} contains NaN or inf")
+        club.load_state_dict({k: state[k].to(torch.float32) for k in expected})
+        club.eval()
+        return club
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointManifest | None]:
+    """Read a checkpoint file: safetensors (project format) first, then a plain torch state dict."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+    if not is_zip_or_pickle:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is corrupt or not a checkpoint ({exc})") from None
+        manifest = None
+        if MANIFEST_KEY in metadata:
+            try:
+                manifest = CheckpointManifest.from_json(metadata[MANIFEST_KEY])
+            except (ValueError, TypeError) as exc:
+                raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
+        return state, manifest
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/corrupt archives
+        reason = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({reason})") from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return dict(state), None

@@ -1,0 +1,33 @@
+"""Shared fixtures. The paper's reference data lives in ../shared/reference beside the checkout (never copied
+into the project); ``LMMS_EMI_REFERENCE_DIR`` overrides that location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> Path:
+    return Path(os.environ.get("LMMS_EMI_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint() -> Path:
+    """The paper's pre-trained CLUB state dict (``CLUB_global.pt``)."""
+    path = reference_dir() / "CLUB_global.pt"
+    if not path.is_file():
+        pytest.skip(f"reference checkpoint not found at {path} (set LMMS_EMI_REFERENCE_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_responses() -> Path:
+    """Folder of real LLaVA-13B response files (``<scenario>_<model>.jsonl``)."""
+    path = reference_dir() / "responses"
+    if not path.is_dir():
+        pytest.skip(f"reference responses not found at {path} (set LMMS_EMI_REFERENCE_DIR)")
+    return path

@@ -1,0 +1,162 @@
+"""EMI, EMID, bounds and bootstrap intervals against hand-computed formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmms_emi.emi import (
+    TaskEmbeddings,
+    bootstrap_emi,
+    bootstrap_emid,
+    effective_mutual_information,
+    emid,
+    emid_upper_bound,
+    partial_upper_bound,
+    query_embedding,
+)
+from lmms_emi.estimators.club import CLUB
+from lmms_emi.estimators.rjsd import rjsd
+
+D = 16
+
+
+def task(n: int, seed: int, *, shift: float = 0.0, relevance: float = 1.0) -> TaskEmbeddings:
+    """Random task embeddings (not normalised) whose model responses depend on the query by ``relevance``."""
+    g = torch.Generator().manual_seed(seed)
+    z_v = torch.randn(n, D, generator=g) + shift
+    z_t = torch.randn(n, D, generator=g) * 2
+    z_model = relevance * (z_v + z_t) + torch.randn(n, D, generator=g)
+    z_ref = 0.5 * (z_v + z_t) + torch.randn(n, D, generator=g)
+    return TaskEmbeddings(z_v, z_t, z_model, z_ref)
+
+
+@pytest.fixture(scope="module")
+def club() -> CLUB:
+    pooled = [task(400, s, shift=s / 4) for s in range(4)]
+    x = torch.cat([t.query for t in pooled] * 2)
+    y = F.normalize(torch.cat([t.z_model for t in pooled] + [t.z_ref for t in pooled]), dim=1)
+    return CLUB(D, D, 64).fit(x, y, steps=300, batch_size=256, lr=3e-3, seed=0, progress=False)
+
+
+def test_emi_is_the_difference_of_two_club_estimates_on_normalised_rows(club):
+    p = task(60, 1)
+    z_x = (F.normalize(p.z_v, dim=1) + F.normalize(p.z_t, dim=1)) / 2
+    mi_model = club.mutual_information(z_x, F.normalize(p.z_model, dim=1))
+    mi_ref = club.mutual_information(z_x, F.normalize(p.z_ref, dim=1))
+    result = effective_mutual_information(club, *p)
+    assert result.mi_model == pytest.approx(mi_model, rel=1e-9)
+    assert result.mi_ref == pytest.approx(mi_ref, rel=1e-9)
+    assert result.emi == pytest.approx(mi_model - mi_ref, rel=1e-9)
+    assert result.n == 60
+    assert torch.allclose(query_embedding(p.z_v, p.z_t), z_x)
+
+
+def test_normalisation_inside_is_idempotent_and_scale_free(club):
+    p = task(40, 2)
+    scaled = TaskEmbeddings(*(3.7 * z for z in p))
+    normalised = TaskEmbeddings(*(F.normalize(z, dim=1) for z in p))
+    base = effective_mutual_information(club, *p).emi
+    assert effective_mutual_information(club, *scaled).emi == pytest.approx(base, rel=1e-6)
+    assert effective_mutual_information(club, *normalised).emi == pytest.approx(base, rel=1e-6)
+
+
+def test_more_relevant_responses_get_higher_emi(club):
+    relevant = effective_mutual_information(club, *task(300, 3, relevance=1.0))
+    irrelevant = effective_mutual_information(club, *task(300, 3, relevance=0.0))
+    assert relevant.emi > irrelevant.emi
+    assert emid(relevant, irrelevant) == pytest.approx(relevant.emi - irrelevant.emi)
+
+
+def test_upper_bound_forms_match_the_formulas():
+    p, q = task(50, 4), task(70, 5, shift=1.0)
+    n = [TaskEmbeddings(*(F.normalize(z, dim=1) for z in t)) for t in (p, q)]
+    jsd_v, jsd_t = rjsd(n[0].z_v, n[1].z_v), rjsd(n[0].z_t, n[1].z_t)
+    jsd_p, jsd_q = rjsd(n[0].z_model, n[0].z_ref), rjsd(n[1].z_model, n[1].z_ref)
+    scaled = emid_upper_bound(p, q)
+    assert (scaled.jsd_visual, scaled.jsd_text) == pytest.approx((jsd_v, jsd_t), rel=1e-9)
+    assert (scaled.jsd_response_p, scaled.jsd_response_q) == pytest.approx((jsd_p, jsd_q), rel=1e-9)
+    assert scaled.value == pytest.approx(jsd_v**0.5 + jsd_t**0.5 + jsd_p**0.25 + jsd_q**0.25, rel=1e-9)
+    assert scaled.form == "scale_adjusted"
+    theorem = emid_upper_bound(tuple(p), tuple(q), entropy_scale=2.5)
+    expected = 2.5 * (jsd_v**0.5 + jsd_t**0.5) + 8 * (jsd_p + jsd_q) ** 0.25
+    assert theorem.value == pytest.approx(expected, rel=1e-9)
+    assert theorem.form == "theorem"
+    no_refs = TaskEmbeddings(p.z_v, p.z_t), TaskEmbeddings(q.z_v, q.z_t)
+    partial = partial_upper_bound(*no_refs)
+    assert partial.value == pytest.approx(jsd_v**0.5 + jsd_t**0.5, rel=1e-9)
+    assert partial.jsd_response_p is None
+    assert partial_upper_bound(*no_refs, entropy_scale=2.0).value == pytest.approx(2 * partial.value)
+
+
+def test_identical_tasks_have_zero_input_terms():
+    p = task(30, 6)
+    bound = emid_upper_bound(p, p)
+    assert bound.jsd_visual == pytest.approx(0.0, abs=1e-10)
+    assert bound.jsd_text == pytest.approx(0.0, abs=1e-10)
+    assert bound.value == pytest.approx(2 * bound.jsd_response_p**0.25, rel=1e-6)
+
+
+def test_vectorised_bootstrap_replicates_equal_direct_estimates(club):
+    from lmms_emi.emi import _prepare
+
+    p = task(45, 7)
+    prepared = _prepare(club, p, "p")
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, 45, size=(5, 45))
+    fast = prepared.resampled_emi(index)
+    slow = [effective_mutual_information(club, *p.subset(row)).emi for row in index]
+    np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-9)
+    point = effective_mutual_information(club, *p).emi
+    assert prepared.resampled_emi(np.arange(45))[0] == pytest.approx(point)
+
+
+def test_bootstrap_intervals_are_seeded_and_bracket_the_estimate(club):
+    p, q = task(80, 8), task(80, 9, relevance=0.2)
+    a = bootstrap_emi(club, p, n_resamples=300, seed=1)
+    assert a == bootstrap_emi(club, p, n_resamples=300, seed=1)
+    assert a != bootstrap_emi(club, p, n_resamples=300, seed=2)
+    point = effective_mutual_information(club, *p).emi
+    assert a.low < point < a.high
+    assert (a.confidence_level, a.n_resamples) == (0.95, 300)
+    narrow = bootstrap_emi(club, p, n_resamples=300, seed=1, confidence_level=0.5)
+    assert a.low < narrow.low < narrow.high < a.high
+    d = bootstrap_emid(club, p, q, n_resamples=300, seed=1)
+    gap = emid(effective_mutual_information(club, *p), effective_mutual_information(club, *q))
+    assert d.low < gap < d.high
+
+
+def nan_row(z: torch.Tensor, row: int) -> torch.Tensor:
+    return z.index_fill(0, torch.tensor([row]), float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        (lambda t: TaskEmbeddings(t.z_v[:1], t.z_t[:1], t.z_model[:1], t.z_ref[:1]), "at least 2"),
+        (lambda t: TaskEmbeddings(t.z_v, t.z_t[:-1], t.z_model, t.z_ref), r"z_t has 9 rows but .*z_v has 10"),
+        (lambda t: TaskEmbeddings(t.z_v, t.z_t, t.z_model[:, :8], t.z_ref), "z_model has dim 8"),
+        (
+            lambda t: TaskEmbeddings(t.z_v, t.z_t, t.z_model, nan_row(t.z_ref, 3)),
+            r"z_ref contains NaN or inf \(first at row 3\)",
+        ),
+        (lambda t: TaskEmbeddings(t.z_v, t.z_t, t.z_model, None), "z_ref is missing"),
+        (lambda t: TaskEmbeddings(t.z_v[0], t.z_t, t.z_model, t.z_ref), "2-D"),
+    ],
+)
+def test_bad_input_raises_a_named_value_error(club, broken, message):
+    bad = broken(task(10, 10))
+    with pytest.raises(ValueError, match=message):
+        effective_mutual_information(club, *bad)
+    if "rows" not in message and "2-D" not in message:
+        with pytest.raises(ValueError, match=message):
+            emid_upper_bound(bad, task(10, 11))
+
+
+def test_dimension_mismatch_with_the_estimator_is_reported(club):
+    t = task(10, 12)
+    wide = TaskEmbeddings(*(torch.cat([z, z], dim=1) for z in t))
+    with pytest.raises(ValueError, match="32-dim but the estimator takes x of dim 16"):
+        effective_mutual_information(club, *wide)
