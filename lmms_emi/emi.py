@@ -23,7 +23,7 @@ Everything here is a pure function of tensors (plus a fitted CLUB), with no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from scipy import stats
 
 from lmms_emi.estimators.club import CLUB, club_mutual_information
-from lmms_emi.estimators.rjsd import rjsd
+from lmms_emi.estimators.rjsd import DensityMatrix, rjsd, rjsd_between
 
 __all__ = [
     "BoundResult",
     "EMIResult",
     "Interval",
+    "ShiftDivergences",
     "TaskEmbeddings",
     "bootstrap_emi",
     "bootstrap_emid",
@@ -46,6 +47,7 @@ __all__ = [
     "emid_upper_bound",
     "partial_upper_bound",
     "query_embedding",
+    "shift_divergences",
 ]
 
 
@@ -249,10 +251,74 @@ class BoundResult:
     form: str  # "scale_adjusted" | "theorem" | "partial" | "partial_theorem"
 
 
-def _input_terms(p: TaskEmbeddings, q: TaskEmbeddings) -> tuple[float, float]:
-    if p.z_v.shape[1] != q.z_v.shape[1] or p.z_t.shape[1] != q.z_t.shape[1]:
-        raise ValueError("P and Q embeddings have different dimensions")
-    return rjsd(p.z_v, q.z_v), rjsd(p.z_t, q.z_t)
+@dataclass(frozen=True)
+class ShiftDivergences:
+    """The RJSD terms between an in-distribution task P and a shifted task Q (nats).
+
+    ``jsd_response_p``/``jsd_response_q`` (model vs reference responses) are None when a task lacks them.
+    """
+
+    jsd_visual: float
+    jsd_text: float
+    jsd_response_p: float | None
+    jsd_response_q: float | None
+
+    def bound(self, entropy_scale: float | None = None) -> BoundResult:
+        """Full EMID bound: √D_v + √D_t + D_P^¼ + D_Q^¼, or Ĥ(√D_v + √D_t) + 8(D_P + D_Q)^¼ given Ĥ."""
+        if self.jsd_response_p is None or self.jsd_response_q is None:
+            raise ValueError("the full bound needs model and reference responses for both tasks")
+        inputs = self.jsd_visual**0.5 + self.jsd_text**0.5
+        d_p, d_q = self.jsd_response_p, self.jsd_response_q
+        if entropy_scale is None:
+            value, form = inputs + d_p**0.25 + d_q**0.25, "scale_adjusted"
+        else:
+            value, form = _check_scale(entropy_scale) * inputs + 8.0 * (d_p + d_q) ** 0.25, "theorem"
+        return BoundResult(value, self.jsd_visual, self.jsd_text, d_p, d_q, form)
+
+    def partial(self, entropy_scale: float | None = None) -> BoundResult:
+        """Reference-free part: √D_v + √D_t (times Ĥ when given)."""
+        inputs = self.jsd_visual**0.5 + self.jsd_text**0.5
+        if entropy_scale is None:
+            return BoundResult(inputs, self.jsd_visual, self.jsd_text, None, None, "partial")
+        value = _check_scale(entropy_scale) * inputs
+        return BoundResult(value, self.jsd_visual, self.jsd_text, None, None, "partial_theorem")
+
+
+def _check_scale(entropy_scale: float) -> float:
+    if not entropy_scale >= 0:
+        raise ValueError(f"entropy_scale must be non-negative, got {entropy_scale}")
+    return float(entropy_scale)
+
+
+def shift_divergences(
+    p_emb: TaskEmbeddings | tuple, q_embs: Mapping[str, TaskEmbeddings | tuple]
+) -> dict[str, ShiftDivergences]:
+    """RJSD terms of P against each shifted task in ``q_embs`` (keyed by task name).
+
+    P's density matrices, entropies and D(P_ŷ‖P_y) are computed once: each further Q costs three
+    eigen-decompositions (two mixtures and Q's own D(Q_ŷ‖Q_y) needs two more) instead of twelve.
+    """
+    p = _check_task(_task(p_emb, "P"), "P", need_responses=False)
+    p_v, p_t = DensityMatrix.of_sample(p.z_v), DensityMatrix.of_sample(p.z_t)
+    d_p = _response_divergence(p)
+    out = {}
+    for name, q_emb in q_embs.items():
+        q = _check_task(_task(q_emb, name), name, need_responses=False)
+        if q.z_v.shape[1] != p.z_v.shape[1] or q.z_t.shape[1] != p.z_t.shape[1]:
+            raise ValueError(f"{name}: embeddings have other dimensions than the in-distribution task's")
+        out[name] = ShiftDivergences(
+            jsd_visual=rjsd_between(p_v, DensityMatrix.of_sample(q.z_v)),
+            jsd_text=rjsd_between(p_t, DensityMatrix.of_sample(q.z_t)),
+            jsd_response_p=d_p,
+            jsd_response_q=_response_divergence(q),
+        )
+    return out
+
+
+def _response_divergence(emb: TaskEmbeddings) -> float | None:
+    if emb.z_model is None or emb.z_ref is None:
+        return None
+    return rjsd(emb.z_model, emb.z_ref)
 
 
 def emid_upper_bound(
@@ -265,19 +331,11 @@ def emid_upper_bound(
     ``entropy_scale=None``: √D_v + √D_t + D_P^¼ + D_Q^¼ (the paper code's scale-adjusted form).
     ``entropy_scale=Ĥ``:   Ĥ(√D_v + √D_t) + 8(D_P + D_Q)^¼ (Theorem 4.5),
     with D_v = D(P_xv‖Q_xv), D_t = D(P_xt‖Q_xt), D_P = D(P_ŷ‖P_y), D_Q = D(Q_ŷ‖Q_y).
+    For many shifted tasks against one P, :func:`shift_divergences` shares P's work.
     """
-    p = _check_task(_task(p_emb, "p_emb"), "p_emb", need_responses=True)
-    q = _check_task(_task(q_emb, "q_emb"), "q_emb", need_responses=True)
-    jsd_v, jsd_t = _input_terms(p, q)
-    jsd_p, jsd_q = rjsd(p.z_model, p.z_ref), rjsd(q.z_model, q.z_ref)
-    inputs = jsd_v**0.5 + jsd_t**0.5
-    if entropy_scale is None:
-        value, form = inputs + jsd_p**0.25 + jsd_q**0.25, "scale_adjusted"
-    else:
-        if entropy_scale < 0:
-            raise ValueError(f"entropy_scale must be non-negative, got {entropy_scale}")
-        value, form = entropy_scale * inputs + 8.0 * (jsd_p + jsd_q) ** 0.25, "theorem"
-    return BoundResult(value, jsd_v, jsd_t, jsd_p, jsd_q, form)
+    _check_task(_task(p_emb, "p_emb"), "p_emb", need_responses=True)
+    _check_task(_task(q_emb, "q_emb"), "q_emb", need_responses=True)
+    return shift_divergences(p_emb, {"q_emb": q_emb})["q_emb"].bound(entropy_scale)
 
 
 def partial_upper_bound(
@@ -289,13 +347,9 @@ def partial_upper_bound(
 
     Needs only the queries, so it is a label-free risk signal for a shifted task.
     """
-    p = _check_task(_task(p_emb, "p_emb"), "p_emb", need_responses=False)
-    q = _check_task(_task(q_emb, "q_emb"), "q_emb", need_responses=False)
-    jsd_v, jsd_t = _input_terms(p, q)
-    inputs = jsd_v**0.5 + jsd_t**0.5
-    if entropy_scale is None:
-        return BoundResult(inputs, jsd_v, jsd_t, None, None, "partial")
-    return BoundResult(entropy_scale * inputs, jsd_v, jsd_t, None, None, "partial_theorem")
+    p, q = _task(p_emb, "p_emb"), _task(q_emb, "q_emb")
+    inputs_only = TaskEmbeddings(p.z_v, p.z_t), {"q_emb": TaskEmbeddings(q.z_v, q.z_t)}
+    return shift_divergences(*inputs_only)["q_emb"].partial(entropy_scale)
 
 
 # --------------------------------------------------------------------------------------------------------

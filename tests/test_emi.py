@@ -160,3 +160,20 @@ def test_dimension_mismatch_with_the_estimator_is_reported(club):
     wide = TaskEmbeddings(*(torch.cat([z, z], dim=1) for z in t))
     with pytest.raises(ValueError, match="32-dim but the estimator takes x of dim 16"):
         effective_mutual_information(club, *wide)
+
+
+def test_shared_divergences_equal_the_pairwise_bounds():
+    from lmms_emi.emi import shift_divergences
+
+    p = task(40, 20)
+    shifted = {f"q{i}": task(30 + i, 21 + i, shift=0.3 * i) for i in range(3)}
+    shifted["no_refs"] = TaskEmbeddings(shifted["q1"].z_v, shifted["q1"].z_t)
+    terms = shift_divergences(p, shifted)
+    for name in ("q0", "q1", "q2"):
+        for scale in (None, 1.7):
+            assert terms[name].bound(scale) == emid_upper_bound(p, shifted[name], entropy_scale=scale)
+            assert terms[name].partial(scale) == partial_upper_bound(p, shifted[name], entropy_scale=scale)
+    assert terms["no_refs"].jsd_response_q is None
+    assert terms["no_refs"].partial() == partial_upper_bound(p, shifted["q1"])
+    with pytest.raises(ValueError, match="needs model and reference responses"):
+        terms["no_refs"].bound()

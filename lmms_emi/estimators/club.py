@@ -55,7 +55,7 @@ PAPER_ENCODERS: dict[str, dict[str, Any]] = {
 MANIFEST_KEY = "lmms_emi_manifest"
 FORMAT_NAME = "lmms-emi-club"
 FORMAT_VERSION = 1
-_CHUNK_ROWS = 8192  # rows per chunk of the O(N·d) estimate: bounds the float64 working memory
+_CHUNK_ROWS = 4096  # rows per chunk of the O(N·d) estimate: bounds the float64 working memory
 
 
 class CheckpointError(ValueError):

@@ -18,12 +18,21 @@ divergence of the embedding distributions, not an estimate of it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 LN2 = math.log(2.0)
 
-__all__ = ["LN2", "rjsd", "rjsd_from_covariances", "second_moment", "von_neumann_entropy"]
+__all__ = [
+    "LN2",
+    "DensityMatrix",
+    "rjsd",
+    "rjsd_between",
+    "rjsd_from_covariances",
+    "second_moment",
+    "von_neumann_entropy",
+]
 
 
 def _check_sample(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -59,24 +68,52 @@ def von_neumann_entropy(c: torch.Tensor) -> float:
     return float(-(eig * torch.log(eig)).sum())
 
 
+@dataclass(frozen=True)
+class DensityMatrix:
+    """A trace-normalised second-moment matrix with its von Neumann entropy, computed once.
+
+    Comparing one sample against many (one in-distribution task against every shifted task) then costs
+    one eigen-decomposition per pair (the mixture) instead of three.
+    """
+
+    matrix: torch.Tensor
+    entropy: float
+
+    @classmethod
+    def of_covariance(cls, cov: torch.Tensor) -> DensityMatrix:
+        """From a (d, d) second-moment matrix, raw (XᵀX) or already trace-normalised."""
+        if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+            raise ValueError(f"a covariance must be square, got shape {tuple(cov.shape)}")
+        cov = cov.to(torch.float64)
+        trace = torch.trace(cov)
+        if trace <= 0:
+            raise ValueError("a covariance has zero trace (all-zero embeddings)")
+        cov = cov / trace
+        return cls(cov, von_neumann_entropy(cov))
+
+    @classmethod
+    def of_sample(cls, x: torch.Tensor) -> DensityMatrix:
+        """From a sample of embeddings (rows)."""
+        return cls.of_covariance(second_moment(x))
+
+
+def rjsd_between(a: DensityMatrix, b: DensityMatrix) -> float:
+    """RJSD = S((A + B)/2) − (S(A) + S(B))/2, clipped to [0, ln 2], its exact range, to remove float
+    round-off (of order 1e-15)."""
+    if a.matrix.shape != b.matrix.shape:
+        raise ValueError(f"dimensions differ: {tuple(a.matrix.shape)} and {tuple(b.matrix.shape)}")
+    value = von_neumann_entropy((a.matrix + b.matrix) / 2) - (a.entropy + b.entropy) / 2
+    return min(max(value, 0.0), LN2)
+
+
 def rjsd_from_covariances(c_x: torch.Tensor, c_y: torch.Tensor) -> float:
     """RJSD from two (d, d) second-moment matrices (each is trace-normalised here, so raw XᵀX works too).
 
-    RJSD = S((Ĉ_X + Ĉ_Y)/2) − (S(Ĉ_X) + S(Ĉ_Y))/2 with Ĉ = C / tr(C). The result is clipped to [0, ln 2],
-    its exact range, to remove float round-off (of order 1e-15).
+    RJSD = S((Ĉ_X + Ĉ_Y)/2) − (S(Ĉ_X) + S(Ĉ_Y))/2 with Ĉ = C / tr(C).
     """
-    if c_x.ndim != 2 or c_x.shape[0] != c_x.shape[1] or c_x.shape != c_y.shape:
-        raise ValueError(
-            f"covariances must be square and of equal shape, got {tuple(c_x.shape)} and {tuple(c_y.shape)}"
-        )
-    c_x = c_x.to(torch.float64)
-    c_y = c_y.to(torch.float64)
-    tr_x, tr_y = torch.trace(c_x), torch.trace(c_y)
-    if tr_x <= 0 or tr_y <= 0:
-        raise ValueError("a covariance has zero trace (all-zero embeddings)")
-    c_x, c_y = c_x / tr_x, c_y / tr_y
-    value = von_neumann_entropy((c_x + c_y) / 2) - (von_neumann_entropy(c_x) + von_neumann_entropy(c_y)) / 2
-    return min(max(value, 0.0), LN2)
+    if c_x.shape != c_y.shape:
+        raise ValueError(f"covariances must have equal shape, got {tuple(c_x.shape)} and {tuple(c_y.shape)}")
+    return rjsd_between(DensityMatrix.of_covariance(c_x), DensityMatrix.of_covariance(c_y))
 
 
 def rjsd(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -85,4 +122,4 @@ def rjsd(x: torch.Tensor, y: torch.Tensor) -> float:
     y = _check_sample(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
-    return rjsd_from_covariances(second_moment(x), second_moment(y))
+    return rjsd_between(DensityMatrix.of_sample(x), DensityMatrix.of_sample(y))

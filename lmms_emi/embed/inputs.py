@@ -1,0 +1,154 @@
+"""Input normalisation for the embedding stage: images and texts in, content hashes out.
+
+Images may be ``PIL.Image`` objects, raw encoded bytes, file paths, numpy arrays, or Hugging Face
+``datasets`` image dicts (``{"bytes": ..., "path": ...}``).  Each is turned into an :class:`ImageItem`
+that carries a content hash (the cache key's content part) and can be decoded to an RGB image later,
+off the main thread.  Texts are coerced to ``str`` predictably (``None -> ""``, anything else ``str(x)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class EmbedInputError(ValueError):
+    """An input (image or text) could not be used; the message names the sample."""
+
+
+def describe_sample(index: int, sample_ids: Sequence[Any] | None) -> str:
+    """Human-readable name of sample ``index`` for error messages."""
+    if sample_ids is not None and index < len(sample_ids):
+        return f"sample {sample_ids[index]!r} (index {index})"
+    return f"sample at index {index}"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class ImageItem:
+    """One image input: its content hash and whatever is needed to decode it."""
+
+    content_hash: str
+    label: str  # names the sample in errors
+    data: bytes | None = None  # encoded bytes (file / bytes input)
+    image: Image.Image | None = None  # already-decoded input
+
+    def load_rgb(self) -> Image.Image:
+        """Decode (if needed) and convert to 3-channel RGB; raises :class:`EmbedInputError`."""
+        if self.image is not None:
+            return to_rgb(self.image)
+        assert self.data is not None
+        try:
+            with Image.open(io.BytesIO(self.data)) as im:
+                im.load()
+                return to_rgb(im)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise EmbedInputError(f"image for {self.label} could not be decoded: {exc}") from exc
+
+
+def _pil_hash(im: Image.Image) -> str:
+    h = hashlib.sha256()
+    h.update(f"pil|{im.mode}|{im.size}|".encode())
+    if im.mode == "P":  # the palette is part of the content
+        h.update(bytes(im.getpalette() or []))
+    h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB.
+
+    Transparent images (RGBA, LA, palette with transparency) are composited onto white, i.e. what a
+    viewer shows; 16-bit / 32-bit / float greyscale is rescaled to 8 bits by its own min-max range.
+    """
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.round().astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def make_image_item(obj: Any, index: int, sample_ids: Sequence[Any] | None = None) -> ImageItem:
+    """Wrap one image input; a missing file or ``None`` raises an error naming the sample."""
+    label = describe_sample(index, sample_ids)
+    if isinstance(obj, dict):  # HF datasets Image feature when not decoded
+        if obj.get("bytes") is not None:
+            obj = obj["bytes"]
+        elif obj.get("path") is not None:
+            obj = obj["path"]
+        else:
+            raise EmbedInputError(f"image for {label} is missing (dict without 'bytes' or 'path')")
+    if obj is None:
+        raise EmbedInputError(f"image for {label} is missing (None)")
+    if isinstance(obj, Image.Image):
+        return ImageItem(_pil_hash(obj), label, image=obj)
+    if isinstance(obj, bytes | bytearray | memoryview):
+        data = bytes(obj)
+        if not data:
+            raise EmbedInputError(f"image for {label} is empty (0 bytes)")
+        return ImageItem(sha256_hex(data), label, data=data)
+    if isinstance(obj, str | os.PathLike):
+        path = os.fspath(obj)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise EmbedInputError(f"image for {label} could not be read from {path!r}: {exc}") from exc
+        if not data:
+            raise EmbedInputError(f"image for {label} is empty (0 bytes at {path!r})")
+        return ImageItem(sha256_hex(data), label, data=data)
+    if isinstance(obj, np.ndarray):
+        arr = obj
+        if arr.dtype != np.uint8:
+            raise EmbedInputError(f"image array for {label} must be uint8 HxW or HxWxC, got {arr.dtype}")
+        try:
+            im = Image.fromarray(np.ascontiguousarray(arr))
+        except (TypeError, ValueError) as exc:
+            raise EmbedInputError(f"image array for {label} has unusable shape {arr.shape}") from exc
+        return ImageItem(_pil_hash(im), label, image=im)
+    raise EmbedInputError(f"image for {label} has unsupported type {type(obj).__name__}")
+
+
+def coerce_texts(texts: Sequence[Any]) -> tuple[list[str], int]:
+    """Convert every entry to ``str``: ``None -> ""``, ``bytes`` decoded as UTF-8, others ``str(x)``.
+
+    Returns the strings and how many entries were not already strings (the caller warns once).
+    Nothing is dropped: the output has the same length as the input.
+    """
+    out: list[str] = []
+    converted = 0
+    for t in texts:
+        if isinstance(t, str):
+            out.append(t)
+            continue
+        converted += 1
+        if t is None:
+            out.append("")
+        elif isinstance(t, bytes | bytearray):
+            out.append(bytes(t).decode("utf-8", errors="replace"))
+        else:
+            out.append(str(t))
+    return out, converted
+
+
+def text_hash(text: str) -> str:
+    return sha256_hex(b"text|" + text.encode("utf-8"))
