@@ -421,16 +421,13 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointMan
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
-    if not is_zip_or_pickle:
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is corrupt or not a checkpoint ({exc})") from None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        pass  # not safetensors: try the plain torch state dict below
+    else:
         manifest = None
         if MANIFEST_KEY in metadata:
             try:

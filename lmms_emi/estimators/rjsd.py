@@ -70,14 +70,17 @@ def von_neumann_entropy(c: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class DensityMatrix:
-    """A trace-normalised second-moment matrix with its von Neumann entropy, computed once.
+    """A trace-normalised second-moment matrix Ĉ with its von Neumann entropy, computed once.
 
-    Comparing one sample against many (one in-distribution task against every shifted task) then costs
-    one eigen-decomposition per pair (the mixture) instead of three.
+    From a sample, Ĉ = FᵀF with factor F = X / √tr(XᵀX) (n, d). When n < d the non-zero eigenvalues of Ĉ
+    are those of the n×n Gram matrix FFᵀ, and the mixture (Ĉ_X + Ĉ_Y)/2 = ZᵀZ with Z = [F_X; F_Y]/√2 has
+    those of the (n+m)×(n+m) matrix ZZᵀ, so small samples of wide embeddings (90 × 768) never
+    decompose a d×d matrix. Comparing one sample against many then costs one decomposition per pair.
     """
 
-    matrix: torch.Tensor
     entropy: float
+    matrix: torch.Tensor | None = None  # Ĉ (d, d), when built from a covariance or n ≥ d
+    factor: torch.Tensor | None = None  # F (n, d), when built from a sample with n < d
 
     @classmethod
     def of_covariance(cls, cov: torch.Tensor) -> DensityMatrix:
@@ -89,20 +92,44 @@ class DensityMatrix:
         if trace <= 0:
             raise ValueError("a covariance has zero trace (all-zero embeddings)")
         cov = cov / trace
-        return cls(cov, von_neumann_entropy(cov))
+        return cls(von_neumann_entropy(cov), matrix=cov)
 
     @classmethod
     def of_sample(cls, x: torch.Tensor) -> DensityMatrix:
         """From a sample of embeddings (rows)."""
-        return cls.of_covariance(second_moment(x))
+        x = _check_sample(x, "x").to(torch.float64)
+        n, d = x.shape
+        if n >= d:
+            return cls.of_covariance(x.T @ x)
+        norm2 = (x * x).sum()
+        if norm2 <= 0:
+            raise ValueError("x has only zero rows: its second moment has zero trace")
+        factor = x / torch.sqrt(norm2)
+        return cls(von_neumann_entropy(factor @ factor.T), factor=factor)
+
+    @property
+    def dim(self) -> int:
+        return int((self.matrix if self.matrix is not None else self.factor).shape[1])
+
+    def full(self) -> torch.Tensor:
+        """Ĉ as a (d, d) matrix."""
+        return self.matrix if self.matrix is not None else self.factor.T @ self.factor
+
+
+def _mixture_entropy(a: DensityMatrix, b: DensityMatrix) -> float:
+    """S((Ĉ_A + Ĉ_B)/2), through the smaller of the Gram and the d×d form."""
+    if a.factor is not None and b.factor is not None and a.factor.shape[0] + b.factor.shape[0] < a.dim:
+        z = torch.cat([a.factor, b.factor]) / 2**0.5
+        return von_neumann_entropy(z @ z.T)
+    return von_neumann_entropy((a.full() + b.full()) / 2)
 
 
 def rjsd_between(a: DensityMatrix, b: DensityMatrix) -> float:
     """RJSD = S((A + B)/2) − (S(A) + S(B))/2, clipped to [0, ln 2], its exact range, to remove float
     round-off (of order 1e-15)."""
-    if a.matrix.shape != b.matrix.shape:
-        raise ValueError(f"dimensions differ: {tuple(a.matrix.shape)} and {tuple(b.matrix.shape)}")
-    value = von_neumann_entropy((a.matrix + b.matrix) / 2) - (a.entropy + b.entropy) / 2
+    if a.dim != b.dim:
+        raise ValueError(f"dimensions differ: {a.dim} and {b.dim}")
+    value = _mixture_entropy(a, b) - (a.entropy + b.entropy) / 2
     return min(max(value, 0.0), LN2)
 
 

@@ -1,0 +1,91 @@
+"""``--metrics emi``: score other lmms-eval generation tasks (e.g. ``llava_in_the_wild``) with EMI, no judge.
+
+For each such task the launcher reads the task's own config (through lmms-eval's ``TaskManager``),
+registers its ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target`` / ``process_docs`` with the run state,
+and writes a one-task YAML ``{task: <name>, process_docs, process_results, metric_list}`` into a run folder.
+lmms-eval merges a config naming a registered task over that task's own config, so the task keeps its name,
+prompt, data and
+generation settings and only its scoring changes. All tasks of the run then go to lmms-eval as that folder
+(``--tasks DIR``: every YAML in it is one task or group config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lmms_emi.harness import overrides, runtime
+
+
+class ForeignTaskError(ValueError):
+    """A task that ``--metrics emi`` cannot score."""
+
+
+def _field(
+    value: Any, what: str, task: str, kwargs: Mapping[str, Any] | None = None
+) -> Callable[[dict], Any]:
+    """A doc -> value accessor for a task config field (callable, column name or Jinja template)."""
+    if callable(value):
+        if kwargs is not None:
+            return lambda doc: value(doc, dict(kwargs))
+        return value
+    if isinstance(value, str):
+        from lmms_eval.utils import apply_template
+
+        return lambda doc: doc[value] if value in doc else apply_template(value, doc)
+    raise ForeignTaskError(f"--metrics emi: task {task} has no usable {what}")
+
+
+def _specific_kwargs(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    raw = config.get("lmms_eval_specific_kwargs")
+    if not isinstance(raw, Mapping):
+        return None
+    return dict(raw.get("default", raw))
+
+
+def register(task_manager: Any, name: str) -> None:
+    """Register task ``name``'s accessors with the run state (raises ForeignTaskError when not scorable)."""
+    if name not in task_manager.all_tasks:
+        raise ForeignTaskError(f"unknown task {name!r}; see `lmms-emi eval --tasks list`")
+    if not task_manager._name_is_task(name):
+        raise ForeignTaskError(f"--metrics emi: {name} is a group or tag; list its tasks instead")
+    config = task_manager._get_config(name)
+    if config.get("output_type", "generate_until") != "generate_until":
+        raise ForeignTaskError(f"--metrics emi: task {name} is not a generation task")
+    if not config.get("doc_to_visual") or config.get("doc_to_target") is None:
+        raise ForeignTaskError(f"--metrics emi: task {name} needs an image and a reference answer")
+    kwargs = _specific_kwargs(config)
+    runtime.register_foreign(
+        runtime.ForeignTask(
+            name=name,
+            doc_to_visual=_field(config["doc_to_visual"], "doc_to_visual", name),
+            doc_to_text=_field(
+                config.get("doc_to_text"), "doc_to_text", name, kwargs if kwargs is not None else {}
+            ),
+            doc_to_target=_field(config["doc_to_target"], "doc_to_target", name),
+            process_docs=config.get("process_docs"),
+        )
+    )
+
+
+def prepare(plan: Any, run_dir: Path, include_paths: list[str], *, builtin_tasks: bool = True) -> Path:
+    """Register the plan's foreign tasks and write the run's task folder; return it (for ``--tasks``)."""
+    from lmms_eval.tasks import TaskManager
+
+    from lmms_emi.harness.launch import UserError
+
+    manager = TaskManager("WARNING", include_path=include_paths, include_defaults=builtin_tasks)
+    folder = run_dir / "emi_tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(plan.tasks):
+        if name in plan.foreign:
+            try:
+                register(manager, name)
+            except ForeignTaskError as exc:
+                raise UserError(str(exc)) from None
+            text = overrides.foreign_task_yaml(name)
+        else:
+            text = f"task: {name}\n"
+        (folder / f"{i:03d}_{name.replace('*', '_')}.yaml").write_text(text, encoding="utf-8")
+    return folder

@@ -1,0 +1,33 @@
+"""Where the plugin's data folders live: in the wheel (``lmms_emi/tasks``) or a checkout (``./tasks``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmms_emi
+
+_PACKAGE_DIR = Path(lmms_emi.__file__).resolve().parent
+
+
+def _locate(name: str) -> Path:
+    """``lmms_emi/<name>`` when installed from the wheel, else ``<checkout>/<name>``."""
+    for candidate in (_PACKAGE_DIR / name, _PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"the plugin's {name}/ folder is missing (looked in {_PACKAGE_DIR / name} and "
+        f"{_PACKAGE_DIR.parent / name}); reinstall lmms-emi"
+    )
+
+
+def tasks_dir() -> Path:
+    """The folder of the plugin's lmms-eval task YAMLs (what ``--include_path`` must point at)."""
+    return _locate("tasks")
+
+
+def estimator_ckpt_dir() -> Path | None:
+    """The folder of the default estimator checkpoints shipped with the plugin, or None when absent."""
+    try:
+        return _locate("estimator_ckpt")
+    except FileNotFoundError:
+        return None

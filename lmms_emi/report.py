@@ -1,0 +1,238 @@
+"""Report files of a :class:`~lmms_emi.analysis.ShiftAnalysis`: JSON, CSV, Markdown and a PNG scatter plot.
+
+Every file is written atomically (a temp file in the same folder, then ``os.replace``), so a reader never
+sees a half-written report and an interrupted run leaves no temp files behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmms_emi.analysis import ShiftAnalysis, TaskResult, atomic_write, json_ready
+
+__all__ = ["CSV_COLUMNS", "robustness_summary", "to_csv", "to_markdown", "write_report"]
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "task",
+    "shift_kind",
+    "n",
+    "emi",
+    "emi_ci_low",
+    "emi_ci_high",
+    "emid",
+    "emid_ci_low",
+    "emid_ci_high",
+    "bound",
+    "bound_theorem",
+    "partial_bound",
+    "jsd_visual",
+    "jsd_text",
+    "jsd_response_p",
+    "jsd_response_q",
+    "mi_model",
+    "mi_ref",
+)
+
+
+def _row(t: TaskResult) -> dict[str, Any]:
+    emi_ci = t.emi_ci or (None, None)
+    emid_ci = t.emid_ci or (None, None)
+    return {
+        "task": t.task,
+        "shift_kind": t.shift_kind,
+        "n": t.n,
+        "emi": t.emi,
+        "emi_ci_low": emi_ci[0],
+        "emi_ci_high": emi_ci[1],
+        "emid": t.emid,
+        "emid_ci_low": emid_ci[0],
+        "emid_ci_high": emid_ci[1],
+        "bound": t.bound,
+        "bound_theorem": t.bound_theorem,
+        "partial_bound": t.partial_bound,
+        "jsd_visual": t.jsd_visual,
+        "jsd_text": t.jsd_text,
+        "jsd_response_p": t.jsd_response_p,
+        "jsd_response_q": t.jsd_response_q,
+        "mi_model": t.mi_model,
+        "mi_ref": t.mi_ref,
+    }
+
+
+def _cell(value: Any) -> str:
+    """CSV cell: floats with full precision (``repr``), None / NaN as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ""
+    return str(value)
+
+
+def to_csv(analysis: ShiftAnalysis) -> str:
+    """One row per task, columns :data:`CSV_COLUMNS`."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for t in analysis.tasks:
+        row = _row(t)
+        writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def robustness_summary(analysis: ShiftAnalysis) -> dict[str, Any]:
+    """The leaderboard numbers: ID EMI (+CI), mean OOD EMI, mean / worst EMID (lower = more robust) and the
+    Pearson r between EMID and its bound over the OOD tasks."""
+    id_row = analysis.task(analysis.id_task)
+    ood = analysis.ood_tasks
+    emids = [t.emid for t in ood if t.emid is not None]
+    corr = analysis.correlation
+    return {
+        "model": analysis.metadata.get("model"),
+        "id_task": analysis.id_task,
+        "id_emi": id_row.emi,
+        "id_emi_ci": list(id_row.emi_ci) if id_row.emi_ci else None,
+        "mean_ood_emi": _mean([t.emi for t in ood if t.emi is not None]),
+        "mean_emid": _mean(emids),
+        "worst_emid": max(emids) if emids else None,
+        "worst_emid_task": max((t for t in ood if t.emid is not None), key=lambda t: t.emid).task
+        if emids
+        else None,
+        "mean_partial_bound": _mean([t.partial_bound for t in ood if t.partial_bound is not None]),
+        "n_ood_tasks": len(ood),
+        "pearson_r": None if corr is None else corr.pearson_r,
+        "pearson_p": None if corr is None else corr.pearson_p,
+    }
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _fmt_ci(value: float | None, ci: tuple[float, float] | None) -> str:
+    if value is None:
+        return "–"
+    if ci is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def to_markdown(analysis: ShiftAnalysis) -> str:
+    """A leaderboard row (robustness column) plus a per-task table, as Markdown."""
+    s = robustness_summary(analysis)
+    level = analysis.settings.get("confidence_level", 0.95)
+    model = s["model"] or "model"
+    lines = [f"# EMI robustness report: {model}", ""]
+    est = analysis.estimator
+    if est is not None:
+        where = f" `{est.path}`" if est.path else ""
+        lines.append(f"Estimator: {est.source}{where} (values comparable: {est.comparability}).")
+        if est.note:
+            lines.append(f"Note: {est.note}.")
+        lines.append("")
+    lines += [
+        "## Leaderboard row",
+        "",
+        "EMI: effective mutual information (nats, higher = responses more relevant to the query). "
+        "EMID = EMI(ID) − EMI(shifted) (lower = more robust).",
+        "",
+        "| model | ID EMI | mean OOD EMI | mean EMID ↓ | worst EMID | r(EMID, bound) |",
+        "|---|---|---|---|---|---|",
+        f"| {model} | {_fmt_ci(s['id_emi'], s['id_emi_ci'])} | {_fmt(s['mean_ood_emi'])} | "
+        f"{_fmt(s['mean_emid'])} | {_fmt(s['worst_emid'])} | {_fmt(s['pearson_r'], 3)} |",
+        "",
+        f"## Per task (ID task: `{analysis.id_task}`; intervals: {level:.0%} bootstrap)",
+        "",
+        "| task | shift | n | EMI | EMID | bound | partial bound | D_v | D_t | D_P | D_Q |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in analysis.tasks:
+        lines.append(
+            f"| `{t.task}` | {t.shift_kind} | {t.n} | {_fmt_ci(t.emi, t.emi_ci)} | "
+            f"{_fmt_ci(t.emid, t.emid_ci)} | {_fmt(t.bound)} | {_fmt(t.partial_bound)} | "
+            f"{_fmt(t.jsd_visual)} | {_fmt(t.jsd_text)} | {_fmt(t.jsd_response_p)} | "
+            f"{_fmt(t.jsd_response_q)} |"
+        )
+    lines += ["", "## Correlation of EMID with its upper bound over the OOD tasks", ""]
+    for name, corr in analysis.correlations.items():
+        if corr is None:
+            lines.append(f"- {name}: not computed (fewer than 3 OOD tasks with EMID)")
+        else:
+            lines.append(
+                f"- {name}: Pearson r = {_fmt(corr.pearson_r, 3)} (p = {_fmt(corr.pearson_p, 3)}), "
+                f"Spearman ρ = {_fmt(corr.spearman_rho, 3)}, Kendall τ = {_fmt(corr.kendall_tau, 3)}, "
+                f"n = {corr.n_tasks}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+_KIND_COLOURS = {"visual": "tab:blue", "text": "tab:orange", "joint": "tab:red", "ood": "tab:grey"}
+
+
+def _write_png(analysis: ShiftAnalysis, path: Path) -> None:
+    """Scatter of EMID (y) against the scale-adjusted bound (x), least-squares line, r in the title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: Agg canvas, no global backend change, thread-safe
+
+    rows = [t for t in analysis.ood_tasks if t.emid is not None and t.bound is not None]
+    fig = Figure(figsize=(6.4, 4.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for kind, colour in _KIND_COLOURS.items():
+        pts = [t for t in rows if t.shift_kind == kind]
+        if pts:
+            ax.scatter([t.bound for t in pts], [t.emid for t in pts], c=colour, label=kind, s=28, alpha=0.85)
+    if len(rows) >= 2 and len({t.bound for t in rows}) >= 2:
+        x = np.array([t.bound for t in rows])
+        y = np.array([t.emid for t in rows])
+        slope, intercept = np.polyfit(x, y, 1)
+        xs = np.linspace(x.min(), x.max(), 50)
+        ax.plot(xs, slope * xs + intercept, color="black", lw=1.2, label=f"least squares (slope {slope:.3g})")
+    corr = analysis.correlation
+    model = analysis.metadata.get("model")
+    head = f"{model}: " if model else ""
+    r_text = "n/a (< 3 OOD tasks)" if corr is None else f"{corr.pearson_r:.3f} (p = {corr.pearson_p:.2g})"
+    ax.set_title(f"{head}EMID vs upper bound — Pearson r = {r_text}, n = {len(rows)}", fontsize=10)
+    ax.set_xlabel(r"EMID upper bound  $\sqrt{D_v} + \sqrt{D_t} + D_P^{1/4} + D_Q^{1/4}$  (scale-adjusted)")
+    ax.set_ylabel(f"EMID = EMI(ID) − EMI(OOD)  [nats]\nID: {analysis.id_task}", fontsize=9)
+    ax.axhline(0.0, color="grey", lw=0.6, ls=":")
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no OOD task with EMID and bound", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def write_report(
+    analysis: ShiftAnalysis, out_dir: str | Path, *, prefix: str = "emi_report"
+) -> dict[str, Path]:
+    """Write ``<prefix>.json``, ``.csv``, ``.md`` and ``.png`` into ``out_dir``; return their paths by kind
+    ("json", "csv", "markdown", "png")."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**analysis.to_dict(), "summary": json_ready(robustness_summary(analysis))}
+    texts = {
+        "json": (f"{prefix}.json", json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n"),
+        "csv": (f"{prefix}.csv", to_csv(analysis)),
+        "markdown": (f"{prefix}.md", to_markdown(analysis)),
+    }
+    paths: dict[str, Path] = {}
+    for kind, (name, text) in texts.items():
+        paths[kind] = atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+    paths["png"] = atomic_write(out / f"{prefix}.png", lambda tmp: _write_png(analysis, tmp))
+    return paths

@@ -1,0 +1,123 @@
+"""lmms_emi.report: files exist, agree with the analysis numbers, and are written atomically."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from helpers_analysis import ID_TASK, shifted_tasks, small_club
+from PIL import Image
+
+from lmms_emi.analysis import EstimatorInfo, analyze_shift, atomic_write
+from lmms_emi.report import CSV_COLUMNS, robustness_summary, to_markdown, write_report
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    tasks = shifted_tasks(5)
+    est = EstimatorInfo("fitted", "/x/club_fitted.safetensors", "run", {"vision": {}}, None, "fitted here")
+    res = analyze_shift(tasks, ID_TASK, small_club(), n_resamples=30, seed=2, entropy_scale=1.5)
+    return res.with_context(estimator=est, metadata={"model": "demo-model"})
+
+
+def _float(cell: str) -> float | None:
+    return float(cell) if cell else None
+
+
+def test_files_and_consistency(tmp_path, analysis):
+    paths = write_report(analysis, tmp_path, prefix="rep")
+    assert {k: p.name for k, p in paths.items()} == {
+        "json": "rep.json",
+        "csv": "rep.csv",
+        "markdown": "rep.md",
+        "png": "rep.png",
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep.csv", "rep.json", "rep.md", "rep.png"]
+
+    data = json.loads(paths["json"].read_text())
+    assert {k: v for k, v in data.items() if k != "summary"} == analysis.to_dict()
+    assert data["summary"]["model"] == "demo-model"
+    assert data["summary"]["pearson_r"] == analysis.correlation.pearson_r
+
+    with open(paths["csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [r["task"] for r in rows] == [t.task for t in analysis.tasks]
+    for row, t in zip(rows, analysis.tasks, strict=True):
+        assert row["shift_kind"] == t.shift_kind and int(row["n"]) == t.n
+        for name in ("emi", "emid", "bound", "bound_theorem", "partial_bound", "jsd_visual", "jsd_text"):
+            assert _float(row[name]) == getattr(t, name)  # repr round-trips floats exactly
+        assert (_float(row["emi_ci_low"]), _float(row["emi_ci_high"])) == t.emi_ci
+        if t.emid_ci is not None:
+            assert (_float(row["emid_ci_low"]), _float(row["emid_ci_high"])) == t.emid_ci
+
+    md = paths["markdown"].read_text()
+    summary = robustness_summary(analysis)
+    assert f"| demo-model | {summary['id_emi']:.4f} [" in md
+    assert f"r = {analysis.correlation.pearson_r:.3f}" in md
+    for t in analysis.tasks:
+        assert f"| `{t.task}` | {t.shift_kind} | {t.n} |" in md
+    assert "comparable: run" in md
+
+    with Image.open(paths["png"]) as im:
+        assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 400
+
+
+def test_summary_numbers(analysis):
+    s = robustness_summary(analysis)
+    emids = [t.emid for t in analysis.ood_tasks]
+    assert s["mean_emid"] == pytest.approx(sum(emids) / len(emids))
+    assert s["worst_emid"] == max(emids)
+    assert s["worst_emid_task"] == max(analysis.ood_tasks, key=lambda t: t.emid).task
+    assert s["id_emi"] == analysis.task(ID_TASK).emi and s["n_ood_tasks"] == 5
+
+
+def test_report_without_correlation(tmp_path):
+    tasks = shifted_tasks(1)
+    res = analyze_shift(tasks, ID_TASK, small_club(), n_resamples=0)
+    paths = write_report(res, tmp_path)
+    md = paths["markdown"].read_text()
+    assert "not computed (fewer than 3 OOD tasks with EMID)" in md
+    data = json.loads(paths["json"].read_text())
+    assert data["correlations"]["bound"] is None and data["summary"]["pearson_r"] is None
+    assert Image.open(paths["png"]).format == "PNG"
+    # no references at all: EMI columns empty, partial bound still there
+    res = analyze_shift(shifted_tasks(3, references=False), ID_TASK, small_club(), n_resamples=0)
+    paths = write_report(res, tmp_path / "norefs")
+    rows = list(csv.DictReader(open(paths["csv"], newline="")))
+    assert all(r["emi"] == "" for r in rows) and all(r["partial_bound"] for r in rows[1:])
+    assert "–" in to_markdown(res)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_json_has_no_nan(tmp_path):
+    # a constant bound makes the correlation undefined: NaN must come out as null, not invalid JSON
+    tasks = shifted_tasks(3)
+    res = analyze_shift(tasks, ID_TASK, small_club(), n_resamples=0)
+    from dataclasses import replace
+
+    from lmms_emi.analysis import correlate
+
+    const = correlate([0.1, 0.2, 0.3], [1.0, 1.0, 1.0])
+    res = replace(res, correlations={"bound": const, "partial_bound": None})
+    assert math.isnan(res.correlation.pearson_r)
+    paths = write_report(res, tmp_path)
+    text = paths["json"].read_text()
+    assert "NaN" not in text and json.loads(text)["correlations"]["bound"]["pearson_r"] is None
