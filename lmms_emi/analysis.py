@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lmms_emi import emi as emi_lib
+from lmms_emi._io import atomic_write
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.scenarios import scenario_for_task
 
@@ -59,27 +60,6 @@ __all__ = [
 ESTIMATOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 FITTED_CHECKPOINT_NAME = "club_fitted.safetensors"
 EMBEDDINGS_FILE = "emi_embeddings.safetensors"  # per-task embeddings saved next to a report
-
-
-def atomic_write(path: str | Path, write: Any) -> Path:
-    """Write ``path`` atomically: ``write(tmp_path)`` fills a same-folder temp file, then ``os.replace``.
-
-    The temp file is removed if ``write`` fails, so no partial file or leftover is ever visible.
-    """
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------

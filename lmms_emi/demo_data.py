@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from lmms_emi import scenarios as sc
+from lmms_emi._io import atomic_write_text
 
 __all__ = [
     "IMAGE_POOL",
@@ -571,7 +572,7 @@ def build_demo_dataset(
         "questions_per_image": questions_per_image,
         "seed": seed,
     }
-    _write_text(out / _META_FILE, json.dumps(meta, indent=1))
+    atomic_write_text(out / _META_FILE, json.dumps(meta, indent=1))
     return out
 
 
@@ -603,7 +604,7 @@ def _demo_answer(reference: str, other: str, strength: float, rng: np.random.Gen
 
 
 def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def write_demo_responses(
@@ -692,7 +693,7 @@ def write_demo_responses(
         written.append(path)
     if wild_index:
         idx_path = out / "lbwild_split_idx.json"
-        _write_text(idx_path, json.dumps(wild_index, indent=1))
+        atomic_write_text(idx_path, json.dumps(wild_index, indent=1))
         written.append(idx_path)
     return written
 
@@ -705,17 +706,3 @@ def _read_meta(dataset_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write (temp file in the same folder, then ``os.replace``)."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from lmms_emi.analysis import ShiftAnalysis, TaskResult, atomic_write, json_ready
+from lmms_emi._io import atomic_write, atomic_write_text
+from lmms_emi.analysis import ShiftAnalysis, TaskResult, json_ready
 
 __all__ = ["CSV_COLUMNS", "robustness_summary", "to_csv", "to_markdown", "write_report"]
 
@@ -233,6 +234,6 @@ def write_report(
     }
     paths: dict[str, Path] = {}
     for kind, (name, text) in texts.items():
-        paths[kind] = atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+        paths[kind] = atomic_write_text(out / name, text)
     paths["png"] = atomic_write(out / f"{prefix}.png", lambda tmp: _write_png(analysis, tmp))
     return paths

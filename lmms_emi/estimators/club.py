@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from lmms_emi._io import atomic_write
 
 __all__ = [
     "CLUB",
@@ -159,18 +160,6 @@ def _mlp(x_dim: int, hidden: int, y_dim: int, *, bounded: bool) -> nn.Sequential
     if bounded:
         layers.append(nn.Tanh())
     return nn.Sequential(*layers)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CLUB(nn.Module):
@@ -346,7 +335,7 @@ class CLUB(nn.Module):
             raise ValueError("manifest sizes do not match this estimator")
         path = Path(path)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={MANIFEST_KEY: manifest.to_json()}))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={MANIFEST_KEY: manifest.to_json()}))
         self.manifest = manifest
         return path
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lmms_emi._io import atomic_write_text
 from lmms_emi.harness.runtime import RunAnalysis, task_metrics
 
 FILTER = "none"
@@ -134,12 +133,5 @@ def rewrite_results_file(
     results = json.loads(path.read_text(encoding="utf-8"))
     results = update_results(results, run, entropy_scale=entropy_scale, extra=extra)
     text = json.dumps(results, indent=2, ensure_ascii=False, default=str)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return results
