@@ -140,15 +140,19 @@ def club_mutual_information(
     n = y.shape[0]
     if n < 2:
         raise ValueError(f"CLUB needs at least 2 samples, got {n}")
-    y64 = y.to(torch.float64)
-    m1 = y64.mean(dim=0)
-    m2 = (y64 * y64).mean(dim=0)
+    chunks = [slice(start, start + _CHUNK_ROWS) for start in range(0, n, _CHUNK_ROWS)]
+    m1 = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
+    m2 = torch.zeros_like(m1)
+    for sl in chunks:  # first and second moments of y, never holding a float64 copy of all of y
+        y_c = y[sl].to(torch.float64)
+        m1 += y_c.sum(dim=0)
+        m2 += (y_c * y_c).sum(dim=0)
+    m1, m2 = m1 / n, m2 / n
     total = torch.zeros((), dtype=torch.float64, device=y.device)
-    for start in range(0, n, _CHUNK_ROWS):
-        sl = slice(start, start + _CHUNK_ROWS)
+    for sl in chunks:
         mu_c = mu[sl].to(torch.float64)
         inv_two_var = 0.5 * torch.exp(-logvar[sl].to(torch.float64))
-        pos = -((y64[sl] - mu_c) ** 2 * inv_two_var).sum(dim=1)
+        pos = -((y[sl].to(torch.float64) - mu_c) ** 2 * inv_two_var).sum(dim=1)
         neg = -((m2 - 2.0 * mu_c * m1 + mu_c * mu_c) * inv_two_var).sum(dim=1)
         total += (pos - neg).sum()
     estimate = float(total) / n
