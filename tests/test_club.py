@@ -134,6 +134,7 @@ def test_plateau_stop_ends_training_early():
     assert club.fit_info.stopped_early
     assert club.fit_info.steps_run < 20_000
     assert club.fit_info.steps_run % 100 == 0
+    assert club.fit_info.steps_run >= 400  # the first window sets the baseline; 3 stale ones follow it
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------

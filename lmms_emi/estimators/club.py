@@ -296,7 +296,7 @@ class CLUB(nn.Module):
                 window_sum, window_len = 0.0, 0
                 bar.set_postfix(loss=f"{last_window:.4f}")
                 if patience is not None:
-                    if last_window < best - min_rel_improvement * abs(best):
+                    if best == math.inf or last_window < best - min_rel_improvement * abs(best):
                         best, stale = last_window, 0
                     else:
                         stale += 1
