@@ -179,25 +179,17 @@ def _provisional(task: str) -> dict[str, float | None]:
         register_samples(list(_STATE.local[id_task].values()))
     if id_task is not None and id_task != task and id_task in _STATE.samples:
         emb.update(_embeddings([id_task]))
-        result = analysis.analyze_shift(
-            emb,
-            id_task,
-            club,
-            entropy_scale=opts.entropy_scale,
-            n_resamples=opts.bootstrap,
-            confidence_level=opts.confidence,
-            seed=opts.seed,
-        ).task(task)
     else:
-        result = analysis.analyze_shift(
-            {task: emb[task]},
-            task,
-            club,
-            entropy_scale=opts.entropy_scale,
-            n_resamples=opts.bootstrap,
-            confidence_level=opts.confidence,
-            seed=opts.seed,
-        ).task(task)
+        emb, id_task = {task: emb[task]}, task
+    result = analysis.analyze_shift(
+        emb,
+        id_task,
+        club,
+        entropy_scale=opts.entropy_scale,
+        n_resamples=opts.bootstrap,
+        confidence_level=opts.confidence,
+        seed=opts.seed,
+    ).task(task)
     return task_metrics(result, entropy_scale=opts.entropy_scale)
 
 
