@@ -8,6 +8,9 @@ Prints:
 3. RJSD bounds at d = 768 for 34 shifted tasks against one ID task: three bound forms per task by separate
    calls vs one shift_divergences pass that computes the ID task's spectra once.
 4. Bootstrap (B = 1000, n = 90): vectorised reweighting vs one estimate per replicate.
+5. Bootstrap peak memory and time (B = 1000, n = 20,000, d = 768): the weighted closed form in row chunks
+   (what bootstrap_emi runs) vs the earlier full-copy form (float64 copies of μ-derived a, b and of y, y² for
+   both targets, kept inline below for comparison); both through the same scipy percentile bootstrap.
 
 Each memory figure comes from a fresh subprocess (ru_maxrss after − RSS before). Run:
     python benchmarks/bench_estimators.py [--quick]
@@ -27,7 +30,9 @@ import torch.nn.functional as F
 
 from lmms_emi.emi import (
     TaskEmbeddings,
-    _prepare,
+    _conditionals,
+    _percentile_bootstrap,
+    _resampled_emi,
     bootstrap_emi,
     effective_mutual_information,
     emid_upper_bound,
@@ -49,6 +54,14 @@ def _unit(n: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(n, D, generator=torch.Generator().manual_seed(seed)), dim=1)
 
 
+def _seeded_club(seed: int = 0) -> CLUB:
+    """A paper-sized CLUB with seeded random weights, marked fitted as a loaded checkpoint is."""
+    club = CLUB(D, D, 500)
+    club.reset_parameters(seed)
+    club.load_state_dict(club.state_dict())
+    return club.eval()
+
+
 def naive_club_mi(club: CLUB, x: torch.Tensor, y: torch.Tensor) -> float:
     """The reference implementation's pairwise form: materialises an (N, N, d) tensor."""
     with torch.no_grad():
@@ -60,7 +73,7 @@ def naive_club_mi(club: CLUB, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _estimate_worker(n: int, naive: bool, queue: mp.Queue) -> None:
     torch.set_num_threads(2)
-    club = CLUB(D, D, 500)
+    club = _seeded_club()
     x, y = _unit(n, 0), _unit(n, 1)
     before = _rss_mib()
     start = time.perf_counter()
@@ -123,7 +136,7 @@ def bench_training(steps: int, n: int) -> None:
     per_step = 1000 * full_s / steps
     print(f"{steps} steps: {full_s:.1f} s ({per_step:.1f} ms/step; paper: 663 s), Î = {mi_full:.4f}")
     print(
-        f"plateau stop (patience 5 x 100 steps): {early.fit_info.steps_run} steps, {early_s:.1f} s "
+        f"plateau stop (patience 5 x 100 steps): {early.fit_info_.steps_run} steps, {early_s:.1f} s "
         f"({full_s / early_s:.1f}x less time), Î = {mi_early:.4f} "
         f"(Δ = {mi_early - mi_full:+.4f}, {100 * abs(mi_early - mi_full) / abs(mi_full):.1f}%)"
     )
@@ -155,7 +168,7 @@ def bench_rjsd(n: int, pairs: int) -> None:
 
 def bench_bootstrap(n_resamples: int) -> None:
     print(f"\n## Bootstrap of EMI, B = {n_resamples}, n = 90, d = 768")
-    club = CLUB(D, D, 500)
+    club = _seeded_club()
     emb = TaskEmbeddings(_unit(90, 0), _unit(90, 1), _unit(90, 2), _unit(90, 3))
     start = time.perf_counter()
     interval = bootstrap_emi(club, emb, n_resamples=n_resamples, seed=0)
@@ -165,10 +178,92 @@ def bench_bootstrap(n_resamples: int) -> None:
     start = time.perf_counter()
     loop = [effective_mutual_information(club, *emb.subset(row)).emi for row in index]
     slow = time.perf_counter() - start
-    vec = _prepare(club, emb, "emb").resampled_emi(index)
-    print(f"vectorised: {fast:.3f} s; one estimate per replicate: {slow:.2f} s ({slow / fast:.0f}x); "
-          f"max |Δ| per replicate {np.max(np.abs(vec - np.asarray(loop))):.1e}; 95% CI {interval.low:+.4f} "
-          f"{interval.high:+.4f}")
+    checked, mu, logvar = _conditionals(club, emb, "emb")
+    vec = _resampled_emi(mu, logvar, checked.z_model, checked.z_ref, index)
+    print(
+        f"vectorised: {fast:.3f} s; one estimate per replicate: {slow:.2f} s ({slow / fast:.0f}x); "
+        f"max |Δ| per replicate {np.max(np.abs(vec - np.asarray(loop))):.1e}; 95% CI {interval.low:+.4f} "
+        f"{interval.high:+.4f}"
+    )
+
+
+class _FullCopyBootstrap:
+    """The earlier bootstrap statistic, kept for comparison: full float64 copies of a = 1/(2σ²), b = μ·a and,
+    per target, of y and y² (6 float64 (n, d) matrices held for the whole bootstrap), then
+    Î(w) = wᵀpos + (wᵀa)·(wᵀy²) − 2 (wᵀb)·(wᵀy) + wᵀc for w = counts / n."""
+
+    def __init__(self, mu: torch.Tensor, logvar: torch.Tensor, z_model: torch.Tensor, z_ref: torch.Tensor):
+        mu = mu.to(torch.float64)
+        self.a = 0.5 * torch.exp(-logvar.to(torch.float64))
+        self.b = mu * self.a
+        self.c = (mu * self.b).sum(dim=1)
+        self.targets = []
+        for y in (z_model, z_ref):
+            y = y.to(torch.float64)
+            pos = -((y - mu) ** 2 * self.a).sum(dim=1)
+            self.targets.append((pos, y, y * y))
+        self.n = int(mu.shape[0])
+
+    def resampled_emi(self, index: np.ndarray) -> np.ndarray:
+        index = np.atleast_2d(np.asarray(index))
+        counts = np.zeros((index.shape[0], self.n))
+        np.add.at(counts, (np.arange(index.shape[0])[:, None], index), 1.0)
+        w = torch.from_numpy(counts / index.shape[1])
+        wa, wb, wc = w @ self.a, w @ self.b, w @ self.c
+        out = [
+            w @ pos + (wa * (w @ y2)).sum(dim=1) - 2 * (wb * (w @ y)).sum(dim=1) + wc
+            for pos, y, y2 in self.targets
+        ]
+        return (out[0] - out[1]).numpy()
+
+
+def _bootstrap_memory_worker(n: int, n_resamples: int, mode: str, queue: mp.Queue) -> None:
+    torch.set_num_threads(2)
+    club = _seeded_club()
+    emb = TaskEmbeddings(*(_unit(n, k) for k in range(4)))
+    before = _rss_mib()
+    start = time.perf_counter()
+    if mode == "chunked":  # what the package runs
+        interval = bootstrap_emi(club, emb, n_resamples=n_resamples, seed=0)
+        ci = (interval.low, interval.high)
+    elif mode == "full-copy":
+        checked, mu, logvar = _conditionals(club, emb, "emb")
+        full = _FullCopyBootstrap(mu, logvar, checked.z_model, checked.z_ref)
+        interval = _percentile_bootstrap(
+            (np.arange(n),), lambda idx, axis=-1: full.resampled_emi(idx), n_resamples, 0.95, 0
+        )
+        ci = (interval.low, interval.high)
+    else:  # validation, normalised copies and μ, log σ² only: what both paths share
+        _conditionals(club, emb, "emb")
+        ci = (float("nan"), float("nan"))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"mode": mode, "seconds": seconds, "extra_peak_mib": peak - before, "ci": ci})
+
+
+def bench_bootstrap_memory(n: int, n_resamples: int) -> None:
+    print(f"\n## Bootstrap of EMI, peak memory: B = {n_resamples}, n = {n}, d = 768 (scipy batches of 256)")
+    float64_copy_mib = n * D * 8 / 2**20
+    print(f"(one float64 (n, d) matrix = {float64_copy_mib:.0f} MiB)")
+    results = {
+        m: _in_subprocess(_bootstrap_memory_worker, n, n_resamples, m)
+        for m in ("shared", "full-copy", "chunked")
+    }
+    print(f"{'path':>28} {'seconds':>9} {'extra peak MiB':>15}  95% CI")
+    labels = {
+        "shared": "μ, log σ² only (shared)",
+        "full-copy": "full float64 copies (old)",
+        "chunked": "weighted, row chunks (new)",
+    }
+    for mode, r in results.items():
+        ci = "" if mode == "shared" else f"[{r['ci'][0]:+.10f}, {r['ci'][1]:+.10f}]"
+        print(f"{labels[mode]:>28} {r['seconds']:>9.2f} {r['extra_peak_mib']:>15.1f}  {ci}")
+    shared, old, new = (results[m]["extra_peak_mib"] for m in ("shared", "full-copy", "chunked"))
+    delta = max(abs(a - b) for a, b in zip(results["full-copy"]["ci"], results["chunked"]["ci"], strict=True))
+    print(
+        f"the bootstrap's own peak above the shared part: old {old - shared:.0f} MiB, new {new - shared:.0f} "
+        f"MiB ({(old - shared) / max(new - shared, 1):.0f}x less); max |Δ CI| old vs new {delta:.1e}"
+    )
 
 
 def main() -> None:
@@ -185,11 +280,13 @@ def main() -> None:
         bench_training(steps=200, n=2000)
         bench_rjsd(90, 4)
         bench_bootstrap(200)
+        bench_bootstrap_memory(20_000, 1000)
     else:
         bench_estimate([1000, 10_000, 100_000], naive_max=1000)
         bench_training(steps=5000, n=6300)
         bench_rjsd(90, 34)
         bench_bootstrap(1000)
+        bench_bootstrap_memory(20_000, 1000)
 
 
 if __name__ == "__main__":

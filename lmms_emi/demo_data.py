@@ -388,26 +388,6 @@ def synonym_rewrite(text: str, level: int, *, seed: int = 0, key: object = "") -
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _parse_synthetic(split: str) -> tuple[str | None, int, str | None, int]:
-    """``llava_bench_coco{visual}{text}`` -> (visual kind, severity, text kind, level)."""
-    rest = split[len("llava_bench_coco") :]
-    visual, severity, text, level = None, 0, None, 0
-    m = re.match(r"_(defocus_blur|frost)_(\d)", rest)
-    if m:
-        visual, severity = m.group(1), int(m.group(2))
-        rest = rest[m.end() :]
-    m = re.match(r"_(sr|KeyboardAug)_(\d)$", rest)
-    if m:
-        text, level = m.group(1), int(m.group(2))
-    return visual, severity, text, level
-
-
-def _parse_natural(split: str) -> tuple[str, str]:
-    """``{visual}_{language}`` -> (visual source, language)."""
-    visual, _, lang = split.rpartition("_")
-    return visual, lang
-
-
 _WILD_DIFFICULTY = {"easy": 0.35, "normal": 0.5, "hard": 0.7}
 _LANG_DIFFICULTY = {
     "English": 0.0,
@@ -424,43 +404,21 @@ def shift_strength(split: str) -> float:
     """A heuristic shift strength in [0, 1] of a scenario, used only by the demo model to degrade its answers.
 
     synthetic: ``0.08·severity + 0.06·level`` (severity, level ∈ {0, 1, 3, 4, 5, 7});
-    natural: language difficulty + in-the-wild difficulty (easy < normal < hard), capped at 1.
+    natural: language difficulty + in-the-wild difficulty (easy < normal < hard), capped at 1;
+    a split name of neither benchmark counts as a medium shift (0.5).
     """
-    if split.startswith("llava_bench_coco") and not any(
-        split.endswith("_" + lang) for lang in sc.NATURAL_LANGUAGES
-    ):
-        _, severity, _, level = _parse_synthetic(split)
-        return min(1.0, 0.08 * severity + 0.06 * level)
-    visual, lang = _parse_natural(split)
-    wild = 0.0
-    for name, value in _WILD_DIFFICULTY.items():
-        if visual.endswith("_" + name):
-            wild = value
-    return min(1.0, wild + _LANG_DIFFICULTY.get(lang, 0.5))
+    scenario = sc.parse_split(split)
+    if scenario is None:
+        return 0.5
+    if scenario.benchmark == "synthetic":
+        return min(1.0, 0.08 * scenario.severity + 0.06 * scenario.text_level)
+    wild = _WILD_DIFFICULTY.get(scenario.wild_level or "", 0.0)
+    return min(1.0, wild + _LANG_DIFFICULTY[scenario.language])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _select_scenarios(benchmark: str, names: Sequence[str] | None) -> list[sc.Scenario]:
-    all_scen = sc.scenarios(benchmark)
-    if names is None:
-        return all_scen
-    by_split = {s.split: s for s in all_scen}
-    by_task = {s.task: s for s in all_scen}
-    chosen = []
-    for name in names:
-        s = by_split.get(name) or by_task.get(name)
-        if s is None:
-            raise ValueError(
-                f"unknown {benchmark} scenario {name!r}; expected one of the split names, e.g. "
-                f"{all_scen[0].split!r} or {all_scen[-1].split!r}"
-            )
-        if s not in chosen:
-            chosen.append(s)
-    return chosen
 
 
 def _wild_strengths(n_images: int, seed: int) -> np.ndarray:
@@ -483,35 +441,28 @@ def _rows_for(
 ) -> list[dict]:
     rows: list[dict] = []
     n_images = len(photos)
-    if scenario.benchmark == "synthetic":
-        visual, severity, text, level = _parse_synthetic(scenario.split)
-        image_ids = range(n_images)
-    else:
-        source, lang = _parse_natural(scenario.split)
-        visual, severity, text, level = source, 0, lang, 0
-        if source.endswith(("_easy", "_hard")):
-            easy, hard = _wild_halves(n_images, seed)
-            image_ids = easy if source.endswith("_easy") else hard
-        else:
-            image_ids = range(n_images)
+    image_ids: Sequence[int] = range(n_images)
+    if scenario.wild_level in ("easy", "hard"):
+        easy, hard = _wild_halves(n_images, seed)
+        image_ids = easy if scenario.wild_level == "easy" else hard
     strengths = _wild_strengths(n_images, seed)
     for i in image_ids:
         photo, img = photos[i], base[i]
-        if visual == "defocus_blur":
-            img = defocus_blur(img, severity)
-        elif visual == "frost":
-            img = frost(img, severity, seed=seed + i)
-        elif visual is not None and "in_the_wild" in visual:
+        if scenario.corruption == "defocus_blur":
+            img = defocus_blur(img, scenario.severity)
+        elif scenario.corruption == "frost":
+            img = frost(img, scenario.severity, seed=seed + i)
+        elif scenario.wild_level is not None:
             img = _wild_restyle(img, float(strengths[i]), _rng(seed, "wild", i))
         for q in range(questions_per_image):
             qid = i * questions_per_image + q
             question = QUESTION_TEMPLATES[q]
-            if text == "KeyboardAug":
-                question = keyboard_typos(question, level, seed=seed, key=qid)
-            elif text == "sr":
-                question = synonym_rewrite(question, level, seed=seed, key=qid)
-            elif scenario.benchmark == "natural" and text != "English":
-                question = _TRANSLATIONS[text][q] + _ANSWER_IN_ENGLISH
+            if scenario.text_aug == "KeyboardAug":
+                question = keyboard_typos(question, scenario.text_level, seed=seed, key=qid)
+            elif scenario.text_aug == "sr":
+                question = synonym_rewrite(question, scenario.text_level, seed=seed, key=qid)
+            elif scenario.benchmark == "natural" and scenario.language != "English":
+                question = _TRANSLATIONS[scenario.language][q] + _ANSWER_IN_ENGLISH
             rows.append(
                 {"question_id": qid, "image": img, "question": question, "reference_answer": photo.answers[q]}
             )
@@ -542,7 +493,7 @@ def build_demo_dataset(
         raise ValueError(
             f"questions_per_image must be in [1, {len(QUESTION_TEMPLATES)}], got {questions_per_image}"
         )
-    chosen = _select_scenarios(benchmark, scenarios)
+    chosen = sc.select_scenarios(benchmark, scenarios)
     photos = IMAGE_POOL[:n_images]
     base = [_load_photo(p.name) for p in photos]
     features = datasets.Features(
@@ -635,9 +586,11 @@ def write_demo_responses(
     meta = _read_meta(Path(dataset_dir))
     if combined_wild:
         for split in dd:
-            visual, lang = _parse_natural(split)
-            normal = f"llava_bench_in_the_wild_normal_{lang}"
-            if "in_the_wild" in split and normal not in dd:
+            scenario = sc.parse_split(split)
+            if scenario is None or scenario.wild_level is None:
+                continue
+            normal = f"{sc.WILD}_normal_{scenario.language}"
+            if normal not in dd:
                 raise ValueError(
                     f"combined_wild: {split} is in {dataset_dir} but {normal} is not; the combined "
                     "in-the-wild file holds every question, so build the dataset with the normal split too"
@@ -650,11 +603,12 @@ def write_demo_responses(
         qids = list(table["question_id"]) if "question_id" in table.column_names else list(range(len(table)))
         refs = list(table["reference_answer"])
         questions = list(table["question"])
-        visual, lang = _parse_natural(split)
-        wild_combined = combined_wild and "in_the_wild" in split
+        scenario = sc.parse_split(split)
+        wild_combined = combined_wild and scenario is not None and scenario.wild_level is not None
         hard_qids: set[int] = set()
         if wild_combined:
-            if not visual.endswith("_normal"):
+            assert scenario is not None
+            if scenario.wild_level != "normal":
                 continue  # easy / hard rows are positions inside the combined (normal) file
             if meta is None:
                 raise ValueError(f"{dataset_dir} has no {_META_FILE}: combined_wild needs a demo dataset")
@@ -666,7 +620,7 @@ def write_demo_responses(
                 "easy_ood_fst_cd_new": [pos_of[i * qpi + q] for i in easy_imgs for q in range(qpi)],
                 "hard_ood_fst_cd_new": [pos_of[i * qpi + q] for i in hard_imgs for q in range(qpi)],
             }
-            file_split = f"llava_bench_in_the_wild_{lang}"
+            file_split = f"{sc.WILD}_{scenario.language}"
         else:
             file_split = split
         records = []

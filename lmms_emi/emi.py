@@ -18,7 +18,10 @@ and the scale-adjusted form the paper's code reports (no entropy estimate Ĥ):
 
 Without references only the input terms D_v^½ + D_t^½ are available: a partial, label-free risk signal.
 
-Everything here is a pure function of tensors (plus a fitted CLUB), with no I/O.
+Everything here is a pure function of tensors (plus a fitted CLUB: an unfitted one raises
+:class:`~lmms_emi.errors.NotFittedError`), with no I/O. Bootstrap replicates reweight the rows of a task by
+their resampling counts and evaluate every replicate's CLUB estimates at once through
+:func:`~lmms_emi.estimators.club.weighted_club_mutual_information`, the same closed form as the estimate.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from lmms_emi.estimators.club import CLUB, club_mutual_information
+from lmms_emi.estimators.club import CLUB, club_mutual_information, weighted_club_mutual_information
 from lmms_emi.estimators.rjsd import DensityMatrix, rjsd, rjsd_between
 
 __all__ = [
@@ -153,52 +156,11 @@ class EMIResult:
     n: int
 
 
-class _PreparedTask:
-    """A task's CLUB quantities, computed once so that any reweighting of its rows is cheap.
-
-    With row weights w (Σ w = 1; w = 1/n for the estimate itself, resampling counts / n for a bootstrap
-    replicate), a = 1/(2σ²), b = μ·a, c = Σ_d μ²·a and pos_i = −Σ_d (y_i − μ_i)²·a_i, the CLUB estimate
-    of I(x; y) on the reweighted sample is
-
-        Î(w) = wᵀpos + (wᵀa)·(wᵀy²) − 2 (wᵀb)·(wᵀy) + wᵀc,
-
-    so B replicates cost one (B, n) @ (n, d) product per term instead of B separate estimates.
-    """
-
-    def __init__(self, mu: torch.Tensor, logvar: torch.Tensor, z_model: torch.Tensor, z_ref: torch.Tensor):
-        mu = mu.to(torch.float64)
-        self.a = 0.5 * torch.exp(-logvar.to(torch.float64))
-        self.b = mu * self.a
-        self.c = (mu * self.b).sum(dim=1)
-        self.targets = []
-        for y in (z_model, z_ref):
-            y = y.to(torch.float64)
-            pos = -((y - mu) ** 2 * self.a).sum(dim=1)
-            self.targets.append((pos, y, y * y))
-        self.n = int(mu.shape[0])
-
-    def weighted_mi(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Î(x; z_model), Î(x; z_ref)) for each row of ``weights`` (B, n)."""
-        w = weights.to(self.a)
-        wa, wb, wc = w @ self.a, w @ self.b, w @ self.c
-        out = []
-        for pos, y, y2 in self.targets:
-            out.append(w @ pos + (wa * (w @ y2)).sum(dim=1) - 2 * (wb * (w @ y)).sum(dim=1) + wc)
-        return out[0], out[1]
-
-    def resampled_emi(self, index: np.ndarray) -> np.ndarray:
-        """EMI for each row of ``index`` (B, m) of resampled row numbers (a 1-D index is one replicate)."""
-        index = np.atleast_2d(np.asarray(index))
-        counts = np.zeros((index.shape[0], self.n))
-        np.add.at(counts, (np.arange(index.shape[0])[:, None], index), 1.0)
-        mi_model, mi_ref = self.weighted_mi(torch.from_numpy(counts / index.shape[1]))
-        return (mi_model - mi_ref).cpu().numpy()
-
-
 def _conditionals(
     club: CLUB, emb: TaskEmbeddings, name: str
 ) -> tuple[TaskEmbeddings, torch.Tensor, torch.Tensor]:
-    """Validated, normalised embeddings and CLUB's μ(z_x), log σ²(z_x) for the task's queries."""
+    """Validated, normalised embeddings and CLUB's μ(z_x), log σ²(z_x) for the task's queries (computed
+    once per task: the estimates and every bootstrap replicate reuse them)."""
     emb = _check_task(emb, name, need_responses=True)
     z_x = (emb.z_v + emb.z_t) / 2
     if z_x.shape[1] != club.x_dim or emb.z_model.shape[1] != club.y_dim:
@@ -210,11 +172,6 @@ def _conditionals(
     return emb, mu, logvar
 
 
-def _prepare(club: CLUB, emb: TaskEmbeddings, name: str) -> _PreparedTask:
-    emb, mu, logvar = _conditionals(club, emb, name)
-    return _PreparedTask(mu, logvar, emb.z_model.to(mu.device), emb.z_ref.to(mu.device))
-
-
 def effective_mutual_information(
     club: CLUB,
     z_v: torch.Tensor,
@@ -224,15 +181,35 @@ def effective_mutual_information(
     *,
     leave_one_out: bool = False,
 ) -> EMIResult:
-    """EMI = Î(z_x; z_ŷ) − Î(z_x; z_y) with z_x = (ẑ_v + ẑ_t)/2; rows are L2-normalised here first."""
+    """EMI = Î(z_x; z_ŷ) − Î(z_x; z_y) with z_x = (ẑ_v + ẑ_t)/2; rows are L2-normalised here first.
+
+    Î is the CLUB estimate (:func:`~lmms_emi.estimators.club.club_mutual_information`). When the model's
+    responses are the references, EMI is exactly 0:
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> z_v, z_t, z_ref = (torch.randn(50, 4, generator=g) for _ in range(3))
+    >>> club = CLUB(4, 4, 8).fit(torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g),
+    ...                          steps=5, progress=False)
+    >>> effective_mutual_information(club, z_v, z_t, z_ref, z_ref).emi
+    0.0
+    >>> r = effective_mutual_information(club, z_v, z_t, z_v + z_t, z_ref)
+    >>> r.emi == r.mi_model - r.mi_ref, r.n
+    (True, 50)
+    """
     emb, mu, logvar = _conditionals(club, TaskEmbeddings(z_v, z_t, z_model, z_ref), "task")
-    mi_model = club_mutual_information(mu, logvar, emb.z_model.to(mu.device), leave_one_out=leave_one_out)
-    mi_ref = club_mutual_information(mu, logvar, emb.z_ref.to(mu.device), leave_one_out=leave_one_out)
+    mi_model = club_mutual_information(mu, logvar, emb.z_model, leave_one_out=leave_one_out)
+    mi_ref = club_mutual_information(mu, logvar, emb.z_ref, leave_one_out=leave_one_out)
     return EMIResult(emi=mi_model - mi_ref, mi_model=mi_model, mi_ref=mi_ref, n=emb.n)
 
 
 def emid(p: EMIResult, q: EMIResult) -> float:
-    """EMID(P, Q) = EMI(P) − EMI(Q): how much query-response relevance is lost going from P to Q."""
+    """EMID(P, Q) = EMI(P) − EMI(Q): how much query-response relevance is lost going from P to Q.
+
+    >>> p = EMIResult(emi=0.5, mi_model=0.9, mi_ref=0.4, n=90)
+    >>> q = EMIResult(emi=0.2, mi_model=0.6, mi_ref=0.4, n=60)
+    >>> emid(p, q)
+    0.3
+    """
     return p.emi - q.emi
 
 
@@ -393,6 +370,30 @@ def _percentile_bootstrap(
     return Interval(float(ci.low), float(ci.high), confidence_level, n_resamples)
 
 
+def _resampled_emi(
+    mu: torch.Tensor, logvar: torch.Tensor, z_model: torch.Tensor, z_ref: torch.Tensor, index: np.ndarray
+) -> np.ndarray:
+    """EMI for each row of ``index`` (B, m) of resampled row numbers (a 1-D index is one replicate).
+
+    A replicate is the CLUB estimate with row weights w = counts / m (counts: how often each row was drawn),
+    EMI(w) = Î_w(z_x; z_ŷ) − Î_w(z_x; z_y), each Î_w one weighted_club_mutual_information call for all B.
+    """
+    index = torch.as_tensor(np.atleast_2d(np.asarray(index)), dtype=torch.long)
+    counts = torch.zeros(index.shape[0], mu.shape[0], dtype=torch.int32)
+    counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.int32))
+    mi_model = weighted_club_mutual_information(mu, logvar, z_model, counts)
+    mi_ref = weighted_club_mutual_information(mu, logvar, z_ref, counts)
+    return (mi_model - mi_ref).cpu().numpy()
+
+
+def _bootstrap_inputs(
+    club: CLUB, emb: TaskEmbeddings | tuple, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """μ, log σ², ẑ_ŷ, ẑ_y of a task: all a replicate needs (the normalised queries are dropped)."""
+    checked, mu, logvar = _conditionals(club, _task(emb, name), name)
+    return mu, logvar, checked.z_model, checked.z_ref
+
+
 def bootstrap_emi(
     club: CLUB,
     emb: TaskEmbeddings | tuple,
@@ -402,11 +403,18 @@ def bootstrap_emi(
     seed: int = 0,
 ) -> Interval:
     """Percentile bootstrap interval for a task's EMI: samples (rows) are resampled with replacement and
-    EMI re-estimated with the fixed estimator. Deterministic for ``seed``."""
-    prepared = _prepare(club, _task(emb, "emb"), "emb")
-    rows = np.arange(prepared.n)
+    EMI re-estimated with the fixed estimator. Deterministic for ``seed``.
+
+    Replicate b reweights the rows by w_b = counts_b / n, EMI_b = Î_{w_b}(z_x; z_ŷ) − Î_{w_b}(z_x; z_y), and
+    the interval is the (α/2, 1 − α/2) percentiles of EMI_1..EMI_B for α = 1 − ``confidence_level``.
+    """
+    task = _bootstrap_inputs(club, emb, "emb")
     return _percentile_bootstrap(
-        (rows,), lambda idx, axis=-1: prepared.resampled_emi(idx), n_resamples, confidence_level, seed
+        (np.arange(task[0].shape[0]),),
+        lambda idx, axis=-1: _resampled_emi(*task, idx),
+        n_resamples,
+        confidence_level,
+        seed,
     )
 
 
@@ -419,12 +427,12 @@ def bootstrap_emid(
     confidence_level: float = 0.95,
     seed: int = 0,
 ) -> Interval:
-    """Percentile bootstrap interval for EMID(P, Q), resampling the rows of P and Q independently."""
-    p = _prepare(club, _task(p_emb, "p_emb"), "p_emb")
-    q = _prepare(club, _task(q_emb, "q_emb"), "q_emb")
+    """Percentile bootstrap interval for EMID(P, Q), resampling the rows of P and Q independently:
+    EMID_b = EMI_b(P) − EMI_b(Q), each EMI_b as in :func:`bootstrap_emi`."""
+    p, q = _bootstrap_inputs(club, p_emb, "p_emb"), _bootstrap_inputs(club, q_emb, "q_emb")
     return _percentile_bootstrap(
-        (np.arange(p.n), np.arange(q.n)),
-        lambda ip, iq, axis=-1: p.resampled_emi(ip) - q.resampled_emi(iq),
+        (np.arange(p[0].shape[0]), np.arange(q[0].shape[0])),
+        lambda ip, iq, axis=-1: _resampled_emi(*p, ip) - _resampled_emi(*q, iq),
         n_resamples,
         confidence_level,
         seed,

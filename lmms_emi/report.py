@@ -1,4 +1,5 @@
-"""Report files of a :class:`~lmms_emi.analysis.ShiftAnalysis`: JSON, CSV, Markdown and a PNG scatter plot.
+"""Report files: per analysis JSON, CSV, Markdown and a PNG scatter plot; per run also the embeddings file
+(input of ``train-estimator``) and the estimator when it was fitted on the run.
 
 Every file is written atomically (a temp file in the same folder, then ``os.replace``), so a reader never
 sees a half-written report and an interrupted run leaves no temp files behind.
@@ -11,15 +12,27 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmms_emi._io import atomic_write, atomic_write_text
-from lmms_emi.analysis import ShiftAnalysis, TaskResult, json_ready
+from lmms_emi.embed.store import EMBEDDINGS_FILE, save_embeddings
+from lmms_emi.pipeline.estimator import FITTED_CHECKPOINT_NAME
+from lmms_emi.pipeline.run import RunAnalysis
+from lmms_emi.pipeline.shift import ShiftAnalysis, TaskResult, json_ready
 
-__all__ = ["CSV_COLUMNS", "robustness_summary", "to_csv", "to_markdown", "write_report"]
+__all__ = [
+    "CSV_COLUMNS",
+    "format_headlines",
+    "robustness_summary",
+    "to_csv",
+    "to_markdown",
+    "write_report",
+    "write_run_reports",
+]
 
 CSV_COLUMNS: tuple[str, ...] = (
     "task",
@@ -206,7 +219,10 @@ def _write_png(analysis: ShiftAnalysis, path: Path) -> None:
     model = analysis.metadata.get("model")
     head = f"{model}: " if model else ""
     r_text = "n/a (< 3 OOD tasks)" if corr is None else f"{corr.pearson_r:.3f} (p = {corr.pearson_p:.2g})"
-    ax.set_title(f"{head}EMID vs upper bound — Pearson r = {r_text}, n = {len(rows)}", fontsize=10)
+    # two lines: a model name plus the statistics do not fit the figure's width on one
+    ax.set_title(
+        f"{head}EMID vs its upper bound\nPearson r = {r_text}, n = {len(rows)} OOD tasks", fontsize=10
+    )
     ax.set_xlabel(r"EMID upper bound  $\sqrt{D_v} + \sqrt{D_t} + D_P^{1/4} + D_Q^{1/4}$  (scale-adjusted)")
     ax.set_ylabel(f"EMID = EMI(ID) − EMI(OOD)  [nats]\nID: {analysis.id_task}", fontsize=9)
     ax.axhline(0.0, color="grey", lw=0.6, ls=":")
@@ -237,3 +253,42 @@ def write_report(
         paths[kind] = atomic_write_text(out / name, text)
     paths["png"] = atomic_write(out / f"{prefix}.png", lambda tmp: _write_png(analysis, tmp))
     return paths
+
+
+def write_run_reports(run: RunAnalysis, out_dir: str | Path) -> dict[str, dict[str, Path]]:
+    """Write everything a run produced into ``out_dir``: the fitted estimator (when the run fitted one,
+    ``club_fitted.safetensors``; the reports then name it), the embeddings file, and one report per analysis
+    (``emi_report_<benchmark or task>.*``). Returns {report name: {kind: path}} plus ``"run"`` with the
+    embeddings and estimator paths. Updates ``run`` with the estimator's saved path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    if run.estimator.source == "fitted":
+        saved = run.club.save(out / FITTED_CHECKPOINT_NAME, run.club.make_manifest(run.encoder_spec))
+        run.estimator = replace(run.estimator, path=str(saved))
+        run.benchmarks = {k: a.with_context(estimator=run.estimator) for k, a in run.benchmarks.items()}
+        run.singles = {k: a.with_context(estimator=run.estimator) for k, a in run.singles.items()}
+        files["estimator"] = saved
+    files["embeddings"] = save_embeddings(
+        run.embeddings, out / EMBEDDINGS_FILE, encoders=run.encoder_spec, extra=run.metadata
+    )
+    written = {name: write_report(analysis, out, prefix=name) for name, analysis in run.analyses.items()}
+    written["run"] = files
+    return written
+
+
+def format_headlines(run: RunAnalysis) -> list[str]:
+    """One line per analysis: ID EMI, mean / worst EMID and r(EMID, bound) — what a command prints."""
+
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = []
+    for name, analysis in run.analyses.items():
+        s = robustness_summary(analysis)
+        lines.append(
+            f"{name}: ID EMI {f(s['id_emi'])} ({analysis.id_task}); mean EMID {f(s['mean_emid'])}, "
+            f"worst {f(s['worst_emid'])}; r(EMID, bound) {f(s['pearson_r'])} over {s['n_ood_tasks']} OOD "
+            "tasks"
+        )
+    return lines

@@ -34,7 +34,9 @@ def shifted_tasks(
 
 
 def small_club(d: int = 16, seed: int = 0) -> CLUB:
-    """A small CLUB with seeded random weights (its estimates are real numbers of a real estimator)."""
+    """A small CLUB with seeded random weights (its estimates are real numbers of a real estimator), marked
+    fitted by loading its own state dict, as a checkpoint would be."""
     club = CLUB(d, d, hidden_size=16)
     club.reset_parameters(seed)
+    club.load_state_dict(club.state_dict())
     return club.eval()

@@ -69,11 +69,20 @@ def save_tiny_xlmr(
 
 
 def save_xlmr_base_arch(path: Path, seed: int = 0) -> Path:
-    """Full-size XLM-R-base architecture (default config, 250k vocab, 12 layers), random weights."""
+    """Full-size XLM-R-base architecture (the hub config of ``xlm-roberta-base``: 250k vocab, 12 layers,
+    LayerNorm eps 1e-5), random weights; the tokenizer is the small one of :func:`xlmr_vocab`."""
     from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizer
 
     tok = XLMRobertaTokenizer(vocab=xlmr_vocab(), model_max_length=512)
-    cfg = XLMRobertaConfig(vocab_size=250002, max_position_embeddings=514, type_vocab_size=1)
+    cfg = XLMRobertaConfig(
+        vocab_size=250002,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     torch.manual_seed(seed)
     XLMRobertaModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)

@@ -1,4 +1,5 @@
-"""lmms_emi.analysis: values equal direct lmms_emi.emi calls, scipy correlations, determinism, errors."""
+"""The run pipeline (lmms_emi.pipeline): values equal direct lmms_emi.emi calls, scipy correlations,
+determinism, the estimator policy, the one grouping rule, errors."""
 
 from __future__ import annotations
 
@@ -11,22 +12,18 @@ from helpers_analysis import ID_TASK, shifted_tasks, small_club, unit
 from scipy import stats
 
 from lmms_emi import emi as emi_lib
-from lmms_emi.analysis import (
-    FITTED_CHECKPOINT_NAME,
-    Sample,
-    analyze_shift,
-    correlate,
-    embed_tasks,
-    find_default_checkpoint,
-    load_embeddings,
-    pooled_pairs,
-    resolve_estimator,
-    save_embeddings,
-    shift_kind,
-    task_seed,
-)
+from lmms_emi.embed.store import load_embeddings, save_embeddings
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.estimators.club import CLUB, PAPER_ENCODERS, CheckpointError, EncoderMismatchError
+from lmms_emi.pipeline.estimator import (
+    EstimatorPolicy,
+    find_default_checkpoint,
+    pooled_pairs,
+    resolve_estimator,
+)
+from lmms_emi.pipeline.records import Sample, embed_tasks
+from lmms_emi.pipeline.run import plan_run
+from lmms_emi.pipeline.shift import analyze_shift, correlate, shift_kind, task_seed
 
 SPEC = {
     "vision": {"name": "test-vision-encoder", "dim": 16},
@@ -172,7 +169,7 @@ def test_reference_checkpoint_through_analysis(reference_checkpoint):
     One OOD task only: each 768-dim RJSD term costs several 768x768 eigendecompositions.
     """
     club = CLUB.from_checkpoint(reference_checkpoint)
-    assert club.manifest is None and (club.x_dim, club.y_dim) == (768, 768)
+    assert club.manifest_ is None and (club.x_dim, club.y_dim) == (768, 768)
     tasks = shifted_tasks(1, n=16, d=768, seed=5)
     res = analyze_shift(tasks, ID_TASK, club, n_resamples=20)
     for name, emb in tasks.items():
@@ -182,38 +179,39 @@ def test_reference_checkpoint_through_analysis(reference_checkpoint):
     assert ood.emid == res.task(ID_TASK).emi - ood.emi and math.isfinite(ood.bound)
     assert res.correlation is None  # a single OOD task
     # resolve_estimator with the path and the paper's encoder spec loads the same estimator
-    loaded, info = resolve_estimator(reference_checkpoint, PAPER_ENCODERS, tasks)
+    loaded, info = resolve_estimator(EstimatorPolicy(str(reference_checkpoint)), PAPER_ENCODERS, tasks)
     assert info.source == "checkpoint" and info.comparability == "global" and "paper" in info.note
     for emb in tasks.values():
         assert emi_lib.effective_mutual_information(loaded, *emb) == emi_lib.effective_mutual_information(
             club, *emb
         )
     with pytest.raises(EncoderMismatchError, match="trained on other encoders"):
-        resolve_estimator(reference_checkpoint, SPEC, tasks)
+        resolve_estimator(EstimatorPolicy(str(reference_checkpoint)), SPEC, tasks)
 
 
 def test_resolve_estimator_fits_saves_and_reloads(tmp_path, tasks, monkeypatch):
-    monkeypatch.setattr("lmms_emi.analysis.default_checkpoint_dirs", lambda: [])
-    club, info = resolve_estimator(None, SPEC, tasks, save_dir=tmp_path, steps=30, progress=False, seed=1)
+    monkeypatch.setattr("lmms_emi.pipeline.estimator.estimator_ckpt_dirs", lambda: [])
+    fit = EstimatorPolicy(None, steps=30, progress=False, seed=1)
+    club, info = resolve_estimator(fit, SPEC, tasks)
     assert info.source == "fitted" and info.comparability == "run" and "only within this run" in info.note
-    saved = tmp_path / FITTED_CHECKPOINT_NAME
-    assert info.path == str(saved) and saved.is_file()
+    assert info.path is None  # the report writer saves it beside the reports
+    saved = club.save(tmp_path / "fitted.safetensors", club.make_manifest(SPEC))
     assert info.manifest["encoders"] == SPEC and info.manifest["hyperparameters"]["steps"] == 30
     # the pooled pairs are the paper's protocol: (query, response) and (query, reference) of every task
     x, _y = pooled_pairs(tasks)
     assert x.shape[0] == 2 * sum(e.n for e in tasks.values())
-    assert club.fit_info.data_fingerprint == info.manifest["data_fingerprint"]
-    again, info2 = resolve_estimator(saved, SPEC, tasks)
+    assert club.fit_info_.data_fingerprint == info.manifest["data_fingerprint"]
+    again, info2 = resolve_estimator(EstimatorPolicy(str(saved)), SPEC, tasks)
     assert info2.source == "checkpoint"
     a = analyze_shift(tasks, ID_TASK, club, n_resamples=0).to_dict()
     assert analyze_shift(tasks, ID_TASK, again, n_resamples=0).to_dict() == a
-    refit, _ = resolve_estimator("fit", SPEC, tasks, steps=30, progress=False, seed=1)
+    refit, _ = resolve_estimator(EstimatorPolicy("fit", steps=30, progress=False, seed=1), SPEC, tasks)
     assert analyze_shift(tasks, ID_TASK, refit, n_resamples=0).to_dict() == a  # deterministic fit
     other = {"vision": {"name": "other"}, "text": {"name": "test-text-encoder", "dim": 16}}
     with pytest.raises(EncoderMismatchError):
-        resolve_estimator(saved, other, tasks)
+        resolve_estimator(EstimatorPolicy(str(saved)), other, tasks)
     with pytest.raises(CheckpointError, match="does not exist"):
-        resolve_estimator(tmp_path / "missing.safetensors", SPEC, tasks)
+        resolve_estimator(EstimatorPolicy(str(tmp_path / "missing.safetensors")), SPEC, tasks)
 
 
 def test_default_checkpoint_is_found_by_manifest(tmp_path, tasks, monkeypatch):
@@ -221,10 +219,10 @@ def test_default_checkpoint_is_found_by_manifest(tmp_path, tasks, monkeypatch):
     club.save(tmp_path / "a_other.safetensors", club.make_manifest({"vision": {"name": "x"}}))
     club.save(tmp_path / "b_ours.safetensors", club.make_manifest(SPEC))
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    monkeypatch.setattr("lmms_emi.analysis.default_checkpoint_dirs", lambda: [tmp_path])
+    monkeypatch.setattr("lmms_emi.pipeline.estimator.estimator_ckpt_dirs", lambda: [tmp_path])
     _found, path = find_default_checkpoint(SPEC)
     assert path.name == "b_ours.safetensors"
-    _loaded, info = resolve_estimator(None, SPEC, tasks)
+    _loaded, info = resolve_estimator(EstimatorPolicy(), SPEC, tasks)
     assert info.source == "default" and info.comparability == "global" and info.path == str(path)
     assert find_default_checkpoint({"vision": {"name": "none"}}) is None
 
@@ -309,3 +307,22 @@ def test_embed_tasks_errors(tiny_embedder):
         embed_tasks(tiny_embedder, {"T": [*samples, samples[1]]})
     with pytest.raises(ValueError, match=r"task 'E' has no samples"):
         embed_tasks(tiny_embedder, {"E": []})
+
+
+def test_plan_groups_by_benchmark_in_run_order():
+    """One grouping rule for every entry point: ID, visual, text, joint (each in scenario order); a benchmark
+    without its ID task is analysed task by task with a warning; other tasks alone, in the given order."""
+    from lmms_emi import scenarios as sc
+
+    syn = sc.scenarios("synthetic")
+    given = [syn[6].task, "mme", syn[1].task, syn[0].task, syn[5].task, sc.scenarios("natural")[3].task]
+    plan = plan_run(given)
+    assert plan.groups == {"synthetic": (syn[0].task, (syn[0].task, syn[5].task, syn[1].task, syn[6].task))}
+    assert [sc.scenario_for_task(t).shift_kind for t in plan.groups["synthetic"][1]] == [
+        "id",
+        "visual",
+        "text",
+        "joint",
+    ]
+    assert plan.singles == (sc.scenarios("natural")[3].task, "mme")
+    assert len(plan.warnings) == 1 and "natural" in plan.warnings[0]

@@ -19,7 +19,8 @@ SCENARIOS = [
     "llava_bench_coco_defocus_blur_3_KeyboardAug_3",
 ]
 ID_TASK = "lbshift_syn_llava_bench_coco"
-FAST = ["--cache-dir", "off", "--steps", "40", "--bootstrap", "20", "-q"]
+FAST = ["--emi-cache", "off", "--estimator-steps", "40", "--bootstrap", "20", "-q"]
+LEGACY_FAST = ["--cache-dir", "off", "--steps", "40", "--bootstrap", "20", "-q"]  # the old spellings
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def encoders(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("encoders")
     vision = save_tiny_clip_vision(root / "clip")
     text = save_tiny_xlmr(root / "xlmr")
-    return ["--vision", f"hf-clip:{vision}", "--text", f"hf-text:{text}", "--text-layer", "0"]
+    return ["--vision-encoder", f"hf-clip:{vision}", "--text-encoder", f"hf-text:{text}", "--text-layer", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def demo(tmp_path_factory) -> Path:
 def scored(demo, encoders, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("score")
     args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
-    assert main([*args, "--benchmark", "synthetic", *encoders, *FAST, "--output", str(out)]) == 0
+    assert main([*args, "--benchmark", "synthetic", *encoders, *FAST, "--output-path", str(out)]) == 0
     return out
 
 
@@ -78,7 +79,7 @@ def test_demo_data_layout(demo):
 
 
 def test_score_end_to_end(scored):
-    report = json.loads((scored / "emi_report.json").read_text())
+    report = json.loads((scored / "emi_report_synthetic.json").read_text())
     assert report["id_task"] == ID_TASK
     assert report["tasks"][0]["task"] == ID_TASK and len(report["tasks"]) == 4
     assert report["metadata"]["model"] == "demo-model"  # the only model in the folder
@@ -88,17 +89,24 @@ def test_score_end_to_end(scored):
     for t in report["tasks"][1:]:
         assert t["emid"] is not None and t["bound"] is not None and t["partial_bound"] is not None
         assert t["emid"] == pytest.approx(report["tasks"][0]["emi"] - t["emi"])
-    for name in ("emi_report.csv", "emi_report.md", "emi_report.png", "club_fitted.safetensors"):
+    for name in (
+        "emi_report_synthetic.csv",
+        "emi_report_synthetic.md",
+        "emi_report_synthetic.png",
+        "club_fitted.safetensors",
+    ):
         assert (scored / name).is_file()
     assert (scored / "emi_embeddings.safetensors").is_file()
     assert not [p for p in scored.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
 def test_score_is_deterministic(demo, encoders, scored, tmp_path):
+    """Same command twice, the second with the old flag spellings (hidden aliases): the same report."""
     args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
-    assert main([*args, *encoders, *FAST, "--output", str(tmp_path)]) == 0
-    a = json.loads((scored / "emi_report.json").read_text())
-    b = json.loads((tmp_path / "emi_report.json").read_text())
+    legacy = [{"--vision-encoder": "--vision", "--text-encoder": "--text"}.get(a, a) for a in encoders]
+    assert main([*args, *legacy, *LEGACY_FAST, "--output", str(tmp_path)]) == 0
+    a = json.loads((scored / "emi_report_synthetic.json").read_text())
+    b = json.loads((tmp_path / "emi_report_synthetic.json").read_text())
     strip = lambda d: {k: v for k, v in d.items() if k != "estimator"}  # noqa: E731 (paths differ)
     assert strip(a) == strip(b)
 
@@ -106,17 +114,17 @@ def test_score_is_deterministic(demo, encoders, scored, tmp_path):
 def test_train_estimator_then_score_with_it(demo, encoders, scored, tmp_path, capsys):
     ckpt = tmp_path / "frozen.safetensors"
     code, out, _ = _run(
-        ["train-estimator", str(scored), "--output", str(ckpt), "--steps", "30", "-q"], capsys
+        ["train-estimator", str(scored), "--output-path", str(ckpt), "--estimator-steps", "30", "-q"], capsys
     )
     assert code == 0 and ckpt.is_file() and str(ckpt) in out
     from lmms_emi.estimators.club import CLUB
 
     club = CLUB.from_checkpoint(ckpt)
-    assert club.manifest.encoders["vision"]["name"].endswith("clip")
+    assert club.manifest_.encoders["vision"]["name"].endswith("clip")
     args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
     out_dir = tmp_path / "frozen_report"
-    assert main([*args, *encoders, *FAST, "--estimator", str(ckpt), "--output", str(out_dir)]) == 0
-    report = json.loads((out_dir / "emi_report.json").read_text())
+    assert main([*args, *encoders, *FAST, "--estimator", str(ckpt), "--output-path", str(out_dir)]) == 0
+    report = json.loads((out_dir / "emi_report_synthetic.json").read_text())
     assert report["estimator"]["source"] == "checkpoint" and report["estimator"]["comparability"] == "global"
     assert report["estimator"]["path"] == str(ckpt)
     assert not (out_dir / "club_fitted.safetensors").exists()
@@ -127,7 +135,7 @@ def test_analyze_run_folder_matches_score(demo, encoders, scored, tmp_path):
     `analyze` reads the images back from the dataset and reproduces `score`'s numbers."""
     import datasets
 
-    from lmms_emi.harness import runtime
+    from lmms_emi.harness import session
 
     dd = datasets.load_from_disk(str(demo / "dataset"))
     run = tmp_path / "run" / "emi_replay"
@@ -143,8 +151,8 @@ def test_analyze_run_folder_matches_score(demo, encoders, scored, tmp_path):
         }
         lines = []
         for i in reversed(range(len(rows))):  # any order: rank-major in real runs
-            doc = {**rows[i], runtime.DOC_ID_COLUMN: i, runtime.TASK_COLUMN: task}
-            rec = runtime.make_record(
+            doc = {**rows[i], session.DOC_ID_COLUMN: i, session.TASK_COLUMN: task}
+            rec = session.RunSession().add_record(
                 task, doc, answers[doc["question_id"]], doc["question"], doc["reference_answer"]
             )
             lines.append(
@@ -161,10 +169,19 @@ def test_analyze_run_folder_matches_score(demo, encoders, scored, tmp_path):
 
     est = scored / "club_fitted.safetensors"
     out = tmp_path / "analysis"
-    args = ["analyze", str(tmp_path / "run"), *encoders, *FAST, "--estimator", str(est), "--output", str(out)]
+    args = [
+        "analyze",
+        str(tmp_path / "run"),
+        *encoders,
+        *FAST,
+        "--estimator",
+        str(est),
+        "--output-path",
+        str(out),
+    ]
     assert main(args) == 0
     got = json.loads((out / "emi_report_synthetic.json").read_text())
-    want = json.loads((scored / "emi_report.json").read_text())
+    want = json.loads((scored / "emi_report_synthetic.json").read_text())
     assert got["metadata"]["model"] == "demo-model"
     assert [t["task"] for t in got["tasks"]] == [t["task"] for t in want["tasks"]]
     for g, w in zip(got["tasks"], want["tasks"], strict=True):
@@ -181,9 +198,11 @@ def test_score_from_parquet_copy(demo, encoders, scored, tmp_path):
         dd[split].to_parquet(str(tmp_path / "pq" / f"{split}.parquet"))
     args = ["score", "--dataset", str(tmp_path / "pq"), "--responses", str(demo / "responses")]
     est = scored / "club_fitted.safetensors"
-    assert main([*args, *encoders, *FAST, "--estimator", str(est), "--output", str(tmp_path / "out")]) == 0
-    got = json.loads((tmp_path / "out" / "emi_report.json").read_text())
-    want = json.loads((scored / "emi_report.json").read_text())
+    assert (
+        main([*args, *encoders, *FAST, "--estimator", str(est), "--output-path", str(tmp_path / "out")]) == 0
+    )
+    got = json.loads((tmp_path / "out" / "emi_report_synthetic.json").read_text())
+    want = json.loads((scored / "emi_report_synthetic.json").read_text())
     assert [t["emi"] for t in got["tasks"]] == [t["emi"] for t in want["tasks"]]
     assert [t["bound"] for t in got["tasks"]] == [t["bound"] for t in want["tasks"]]
 
@@ -196,7 +215,7 @@ def test_eval_forwards_to_the_harness(capsys):
 # ---------------------------------------------------------------------------------------------- error paths
 def test_unknown_scenario(demo, capsys):
     args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
-    code, _, err = _run([*args, "--output", "x", "--scenarios", "llava_bench_coco_fog_9"], capsys)
+    code, _, err = _run([*args, "--output-path", "x", "--scenarios", "llava_bench_coco_fog_9"], capsys)
     assert code == 2
     assert "unknown synthetic scenario 'llava_bench_coco_fog_9'" in _one_error_line(err)
 
@@ -204,7 +223,14 @@ def test_unknown_scenario(demo, capsys):
 def test_checkpoint_encoder_mismatch(demo, reference_checkpoint, tmp_path, capsys):
     """The paper's checkpoint (CLIP + XLM-R) with the offline encoders: refused before any model is loaded."""
     args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
-    args += ["--encoders", "offline", "--estimator", str(reference_checkpoint), "--output", str(tmp_path)]
+    args += [
+        "--encoders",
+        "offline",
+        "--estimator",
+        str(reference_checkpoint),
+        "--output-path",
+        str(tmp_path),
+    ]
     code, _, err = _run(args, capsys)
     assert code == 2
     line = _one_error_line(err)
@@ -213,7 +239,9 @@ def test_checkpoint_encoder_mismatch(demo, reference_checkpoint, tmp_path, capsy
 
 def test_checkpoint_missing(demo, tmp_path, capsys):
     args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
-    code, _, err = _run([*args, "--estimator", str(tmp_path / "nope.pt"), "--output", str(tmp_path)], capsys)
+    code, _, err = _run(
+        [*args, "--estimator", str(tmp_path / "nope.pt"), "--output-path", str(tmp_path)], capsys
+    )
     assert code == 2 and "does not exist" in _one_error_line(err)
 
 
@@ -236,13 +264,13 @@ def test_too_few_samples(tmp_path, capsys):
     )
     capsys.readouterr()
     args = ["score", "--dataset", str(tmp_path / "dataset"), "--responses", str(tmp_path / "responses")]
-    code, _, err = _run([*args, "--output", str(tmp_path / "out")], capsys)
+    code, _, err = _run([*args, "--output-path", str(tmp_path / "out")], capsys)
     assert code == 2
     assert "task 'lbshift_syn_llava_bench_coco' has 1 sample(s)" in _one_error_line(err)
 
 
 def test_missing_and_bad_response_files(demo, tmp_path, capsys):
-    args = ["score", "--dataset", str(demo / "dataset"), "--output", str(tmp_path / "o")]
+    args = ["score", "--dataset", str(demo / "dataset"), "--output-path", str(tmp_path / "o")]
     code, _, err = _run([*args, "--responses", str(demo / "responses"), "--model", "other-model"], capsys)
     assert code == 2 and "no responses of model 'other-model'" in _one_error_line(err)
 
@@ -270,7 +298,9 @@ def test_missing_and_bad_response_files(demo, tmp_path, capsys):
 
 def test_missing_split_in_local_dataset(demo, tmp_path, capsys):
     args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
-    code, _, err = _run([*args, "--output", str(tmp_path), "--scenarios", "llava_bench_coco_frost_1"], capsys)
+    code, _, err = _run(
+        [*args, "--output-path", str(tmp_path), "--scenarios", "llava_bench_coco_frost_1"], capsys
+    )
     assert code == 2 and "has no split 'llava_bench_coco_frost_1'" in _one_error_line(err)
 
 
@@ -283,7 +313,7 @@ def test_analyze_errors(tmp_path, capsys):
 
 def test_train_estimator_errors(tmp_path, capsys):
     code, _, err = _run(
-        ["train-estimator", str(tmp_path), "--output", str(tmp_path / "c.safetensors")], capsys
+        ["train-estimator", str(tmp_path), "--output-path", str(tmp_path / "c.safetensors")], capsys
     )
     assert code == 2 and "emi_embeddings.safetensors" in _one_error_line(err)
 
@@ -300,7 +330,7 @@ def test_dataset_not_reachable_console_script(demo, tmp_path):
         str(demo / "responses"),
         "--scenarios",
         "llava_bench_coco",
-        "--output",
+        "--output-path",
         str(tmp_path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
@@ -314,7 +344,7 @@ def test_dataset_not_reachable_console_script(demo, tmp_path):
 def test_reference_in_the_wild_layout(reference_responses):
     """The paper's files: in-the-wild easy / hard rows are positions of lbwild_split_idx.json in the
     combined per-language file; normal is the whole file."""
-    from lmms_emi.responses import load_split_responses, read_response_file, responses_for_rows
+    from lmms_emi.sources.responses import load_split_responses, read_response_file, responses_for_rows
 
     idx = json.loads((reference_responses / "lbwild_split_idx.json").read_text())
     every = read_response_file(reference_responses / "llava_bench_in_the_wild_German_llava-v1.5-13b.jsonl")
@@ -345,7 +375,7 @@ def test_demo_combined_wild_files_align_with_dataset(tmp_path):
     import datasets
 
     from lmms_emi.demo_data import build_demo_dataset, write_demo_responses
-    from lmms_emi.responses import load_split_responses, responses_for_rows
+    from lmms_emi.sources.responses import load_split_responses, responses_for_rows
 
     splits = ["llava_bench_coco_English"] + [
         f"llava_bench_in_the_wild_{k}_Greek" for k in ("easy", "normal", "hard")
@@ -362,7 +392,12 @@ def test_demo_combined_wild_files_align_with_dataset(tmp_path):
 
 
 def test_response_alignment_errors(tmp_path):
-    from lmms_emi.responses import ResponseFileError, align_responses, read_response_file, responses_for_rows
+    from lmms_emi.sources.responses import (
+        ResponseFileError,
+        align_responses,
+        read_response_file,
+        responses_for_rows,
+    )
 
     f = tmp_path / "llava_bench_coco_m.jsonl"
     f.write_text(
@@ -416,7 +451,7 @@ def test_encoders_not_reachable_console_script(demo, tmp_path):
         str(demo / "dataset"),
         "--responses",
         str(demo / "responses"),
-        "--output",
+        "--output-path",
         str(tmp_path),
         "-q",
     ]
@@ -427,9 +462,10 @@ def test_encoders_not_reachable_console_script(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_analyze_real_lmms_eval_run(encoders, tmp_path, capsys):
-    """`lmms-emi eval --log_samples` (lmms-eval + replay model) then `lmms-emi analyze` on its output folder
-    with the run's estimator: the post-hoc report reproduces the run's own report exactly."""
+def test_score_analyze_and_eval_give_the_same_report(encoders, tmp_path, capsys):
+    """One pipeline behind every entry point: `lmms-emi eval --log_samples` (lmms-eval + replay model),
+    `lmms-emi analyze` of its output folder and `lmms-emi score` of the same data and responses each fit
+    their own estimator and write the same report JSON (the run's metadata and file paths aside)."""
     from lmms_emi.demo_data import build_demo_dataset, write_demo_responses
 
     splits = [
@@ -441,40 +477,62 @@ def test_analyze_real_lmms_eval_run(encoders, tmp_path, capsys):
     ]
     data = build_demo_dataset(tmp_path / "data", benchmark="natural", scenarios=splits, n_images=4)
     write_demo_responses(data, tmp_path / "responses", combined_wild=True)
-    tasks = ",".join(f"lbshift_nat_{s}" for s in splits if "normal" not in s)
+    used = [s for s in splits if "normal" not in s]
     enc = dict(zip(encoders[0::2], encoders[1::2], strict=True))
+    common = ["--bootstrap", "40", "--estimator-steps", "60", "--emi-cache", "off", "-q"]
+    tasks = ",".join(f"lbshift_nat_{s}" for s in used)
+    replay = f"responses={tmp_path / 'responses'},model_name=demo-model"
     cmd = [sys.executable, "-m", "lmms_emi.cli", "eval", "--tasks", tasks, "--model", "emi_replay",
-           "--model_args", f"responses={tmp_path / 'responses'},model_name=demo-model",
-           "--data", f"natural={data}", "--output_path", str(tmp_path / "out"), "--log_samples",
-           "--vision_encoder", enc["--vision"], "--text_encoder", enc["--text"], "--text_layer", "0",
-           "--bootstrap", "40", "--estimator_steps", "60", "--emi_cache", "off", "--emi_device", "cpu",
-           "--no_builtin_tasks"]  # fmt: skip
+           "--model_args", replay, "--data", f"natural={data}", "--output_path", str(tmp_path / "out"),
+           "--log_samples", "--vision_encoder", enc["--vision-encoder"], "--text_encoder",
+           enc["--text-encoder"], "--text_layer", "0", "--emi_device", "cpu", "--no_builtin_tasks",
+           *common]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = next((tmp_path / "out").rglob("emi_report_natural.json")).parent
-    args = [
-        "analyze",
-        str(tmp_path / "out"),
-        *encoders,
-        "--bootstrap",
-        "40",
-        "--cache-dir",
-        "off",
-        "-q",
-        "--estimator",
-        str(run_dir / "club_fitted.safetensors"),
-        "--output",
-        str(tmp_path / "post"),
+    assert (
+        main(["analyze", str(tmp_path / "out"), *encoders, *common, "--output-path", str(tmp_path / "post")])
+        == 0
+    )
+    score = [
+        "score",
+        "--dataset",
+        str(data),
+        "--responses",
+        str(tmp_path / "responses"),
+        "--benchmark",
+        "natural",
     ]
-    assert main(args) == 0
-    want = json.loads((run_dir / "emi_report_natural.json").read_text())
-    got = json.loads((tmp_path / "post" / "emi_report_natural.json").read_text())
-    assert got["metadata"]["model"] == "demo-model"
-    assert got["tasks"] == want["tasks"] and got["correlations"] == want["correlations"]
+    assert (
+        main([*score, "--scenarios", *used, *encoders, *common, "--output-path", str(tmp_path / "sc")]) == 0
+    )
+
+    def comparable(folder: Path) -> dict:
+        report = json.loads((folder / "emi_report_natural.json").read_text())
+        report.pop("metadata")
+        report["estimator"].pop("path")
+        return report
+
+    want = comparable(run_dir)
+    assert want["summary"]["model"] == "demo-model"  # the user's name, not the class
+    assert want["estimator"]["source"] == "fitted" and len(want["tasks"]) == 4
+    assert comparable(tmp_path / "post") == want
+    assert comparable(tmp_path / "sc") == want
     # the saved embeddings of the post-hoc report feed train-estimator
     ckpt = tmp_path / "frozen.safetensors"
     assert (
-        main(["train-estimator", str(tmp_path / "post"), "--output", str(ckpt), "--steps", "20", "-q"]) == 0
+        main(
+            [
+                "train-estimator",
+                str(tmp_path / "post"),
+                "--output-path",
+                str(ckpt),
+                "--estimator-steps",
+                "20",
+                "-q",
+            ]
+        )
+        == 0
     )
     assert ckpt.is_file()

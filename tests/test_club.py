@@ -1,4 +1,5 @@
-"""CLUB: closed form vs brute force, Gaussian ground truth, training, checkpoints."""
+"""CLUB: closed form (plain and weighted) vs brute force, Gaussian ground truth, training, checkpoints,
+the fitted-estimator protocol."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lmms_emi.errors
 import lmms_emi.estimators.club as club_module
 from lmms_emi.estimators.club import (
     CLUB,
     PAPER_ENCODERS,
     CheckpointError,
     EncoderMismatchError,
+    NotFittedError,
     club_mutual_information,
+    weighted_club_mutual_information,
 )
 
 
@@ -23,13 +27,33 @@ def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
 
 
+def seeded_club(x_dim: int, y_dim: int, hidden: int, seed: int = 0) -> CLUB:
+    """A CLUB with seeded random weights, loaded as a checkpoint would be (so it counts as fitted)."""
+    club = CLUB(x_dim, y_dim, hidden)
+    club.reset_parameters(seed)
+    club.load_state_dict(club.state_dict())
+    return club.eval()
+
+
+def pairwise_log_q(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log q(y_j|x_i) without its constant, as an explicit (N, N) matrix [i, j] (builds an N×N×d tensor)."""
+    mu, var, y = mu.double(), logvar.double().exp(), y.double()
+    return -((y.unsqueeze(0) - mu.unsqueeze(1)) ** 2 / (2 * var.unsqueeze(1))).sum(-1)
+
+
+def brute_force_weighted_mi(
+    mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+) -> float:
+    """Σ_i w_i log q(y_i|x_i) − Σ_i Σ_j w_i w_j log q(y_j|x_i) for one weight vector w (Σ w = 1)."""
+    log_q, w = pairwise_log_q(mu, logvar, y), w.double()
+    return float(w @ log_q.diagonal() - w @ log_q @ w)
+
+
 def brute_force_mi(club: CLUB, x: torch.Tensor, y: torch.Tensor, *, leave_one_out: bool = False) -> float:
     """The pairwise definition, O(N²·d): mean_i log q(y_i|x_i) − mean_{i,j} log q(y_j|x_i) (no constants)."""
     with torch.no_grad():
-        mu, logvar = (t.double() for t in club(x))
-    y = y.double()
-    var = logvar.exp()
-    log_q = -((y.unsqueeze(0) - mu.unsqueeze(1)) ** 2 / (2 * var.unsqueeze(1))).sum(-1)  # [i, j]
+        mu, logvar = club(x)
+    log_q = pairwise_log_q(mu, logvar, y)  # [i, j]
     n = x.shape[0]
     positive = log_q.diagonal().mean()
     if leave_one_out:
@@ -51,7 +75,7 @@ def gaussian_pairs(n: int, d: int, rho: float, seed: int) -> tuple[torch.Tensor,
 def test_reference_checkpoint_closed_form_equals_brute_force(reference_checkpoint):
     club = CLUB.from_checkpoint(reference_checkpoint)
     assert (club.x_dim, club.y_dim, club.hidden_size) == (768, 768, 500)
-    assert club.manifest is None
+    assert club.manifest_ is None and club.fit_info_ is None and club.__sklearn_is_fitted__()
     x, y = unit_rows(300, 768, 0), unit_rows(300, 768, 1)
     y_related = F.normalize(x + 0.5 * y, dim=1)
     for target in (y, y_related):
@@ -59,7 +83,7 @@ def test_reference_checkpoint_closed_form_equals_brute_force(reference_checkpoin
 
 
 def test_leave_one_out_is_n_over_n_minus_1_times_the_estimate():
-    club = CLUB(16, 16, 32)
+    club = seeded_club(16, 16, 32)
     x, y = unit_rows(50, 16, 2), unit_rows(50, 16, 3)
     y = F.normalize(x + y, dim=1)
     full = club.mutual_information(x, y)
@@ -70,7 +94,7 @@ def test_leave_one_out_is_n_over_n_minus_1_times_the_estimate():
 
 
 def test_runs_at_n_100k_d_768_and_chunking_does_not_change_the_value(monkeypatch):
-    club = CLUB(768, 768, 500)
+    club = seeded_club(768, 768, 500)
     x, y = unit_rows(100_000, 768, 4), unit_rows(100_000, 768, 5)
     value = club.mutual_information(x, y)
     assert math.isfinite(value)
@@ -78,6 +102,69 @@ def test_runs_at_n_100k_d_768_and_chunking_does_not_change_the_value(monkeypatch
     chunked = club_mutual_information(mu, logvar, y[:20_000])
     monkeypatch.setattr(club_module, "_CHUNK_ROWS", 10**9)
     assert club_mutual_information(mu, logvar, y[:20_000]) == pytest.approx(chunked, rel=1e-12)
+
+
+def conditionals(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random μ, log σ² ∈ (−1, 1) and y that depends on μ."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(n, d, generator=g)
+    logvar = torch.tanh(torch.randn(n, d, generator=g))
+    return mu, logvar, 0.5 * mu + torch.randn(n, d, generator=g)
+
+
+def test_weighted_form_with_uniform_weights_equals_the_pairwise_oracle():
+    mu, logvar, y = conditionals(40, 6, seed=20)
+    oracle = float(pairwise_log_q(mu, logvar, y).diagonal().mean() - pairwise_log_q(mu, logvar, y).mean())
+    uniform = weighted_club_mutual_information(
+        mu, logvar, y, torch.full((1, 40), 1 / 40, dtype=torch.float64)
+    )
+    assert uniform.shape == (1,) and uniform.dtype == torch.float64
+    assert float(uniform[0]) == pytest.approx(oracle, rel=1e-12)
+    assert club_mutual_information(mu, logvar, y) == pytest.approx(oracle, rel=1e-12)
+    # any non-negative weights: rows are normalised to sum 1, each against the N×N oracle
+    w = torch.rand(3, 40, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    w[1, :10] = 0
+    got = weighted_club_mutual_information(mu, logvar, y, w)
+    want = [brute_force_weighted_mi(mu, logvar, y, row / row.sum()) for row in w]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_integer_count_weights_equal_the_estimate_on_the_resampled_rows():
+    mu, logvar, y = conditionals(60, 5, seed=22)
+    index = torch.randint(60, (4, 60), generator=torch.Generator().manual_seed(23))
+    counts = torch.zeros(4, 60, dtype=torch.int64).scatter_add_(1, index, torch.ones_like(index))
+    got = weighted_club_mutual_information(mu, logvar, y, counts)
+    for row, idx in zip(got.tolist(), index, strict=True):
+        assert row == pytest.approx(club_mutual_information(mu[idx], logvar[idx], y[idx]), rel=1e-12)
+
+
+def test_chunk_boundaries_do_not_change_the_weighted_value(monkeypatch):
+    mu, logvar, y = conditionals(50, 4, seed=24)
+    weights = torch.randint(0, 3, (5, 50), generator=torch.Generator().manual_seed(25))
+    weights[:, 0] = 1  # every row has a positive sum
+    whole = weighted_club_mutual_information(mu, logvar, y, weights)
+    plain = club_mutual_information(mu, logvar, y)
+    monkeypatch.setattr(club_module, "_CHUNK_ROWS", 7)  # 50 = 7·7 + 1: a last chunk of one row
+    torch.testing.assert_close(
+        weighted_club_mutual_information(mu, logvar, y, weights), whole, rtol=1e-12, atol=0
+    )
+    assert club_mutual_information(mu, logvar, y) == pytest.approx(plain, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (torch.ones(2, 9), r"\(B, 10\) matrix"),
+        (torch.ones(10), r"\(B, 10\) matrix"),
+        (-torch.ones(1, 10), "non-negative"),
+        (torch.zeros(1, 10), "positive sum"),
+        (torch.full((1, 10), float("nan")), "finite"),
+    ],
+)
+def test_bad_weights_are_named(weights, message):
+    mu, logvar, y = conditionals(10, 3, seed=26)
+    with pytest.raises(ValueError, match=message):
+        weighted_club_mutual_information(mu, logvar, y, weights)
 
 
 def test_true_conditional_gives_the_club_value_not_the_mi():
@@ -122,8 +209,8 @@ def test_fit_is_deterministic_for_a_seed():
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key])
     assert not torch.equal(a.p_mu[0].weight, c.p_mu[0].weight)
-    assert a.fit_info.steps_run == 50 and not a.fit_info.stopped_early
-    assert a.fit_info.data_fingerprint == b.fit_info.data_fingerprint
+    assert a.fit_info_.steps_run == 50 and not a.fit_info_.stopped_early
+    assert a.fit_info_.data_fingerprint == b.fit_info_.data_fingerprint
 
 
 def test_plateau_stop_ends_training_early():
@@ -131,10 +218,10 @@ def test_plateau_stop_ends_training_early():
     club = CLUB(3, 3, 16).fit(
         x, y, steps=20_000, batch_size=256, lr=1e-2, seed=0, patience=3, check_every=100, progress=False
     )
-    assert club.fit_info.stopped_early
-    assert club.fit_info.steps_run < 20_000
-    assert club.fit_info.steps_run % 100 == 0
-    assert club.fit_info.steps_run >= 400  # the first window sets the baseline; 3 stale ones follow it
+    assert club.fit_info_.stopped_early
+    assert club.fit_info_.steps_run < 20_000
+    assert club.fit_info_.steps_run % 100 == 0
+    assert club.fit_info_.steps_run >= 400  # the first window sets the baseline; 3 stale ones follow it
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
@@ -144,12 +231,14 @@ ENCODERS = {"vision": {"name": "tiny-vision", "layer": -1, "dim": 8}, "text": {"
 def test_save_and_load_round_trip_with_manifest(tmp_path):
     x, y = gaussian_pairs(500, 8, 0.5, seed=12)
     club = CLUB(8, 8, 16).fit(x, y, steps=20, batch_size=64, progress=False)
+    assert club.manifest_ is None  # fitted, not saved yet
     path = club.save(tmp_path / "est.safetensors", club.make_manifest(ENCODERS))
+    assert club.manifest_.encoders == ENCODERS
     assert [p.name for p in tmp_path.iterdir()] == ["est.safetensors"]  # no temp file left behind
     loaded = CLUB.from_checkpoint(path, encoders=ENCODERS)
-    assert loaded.manifest.encoders == ENCODERS
-    assert loaded.manifest.data_fingerprint == club.fit_info.data_fingerprint
-    assert loaded.manifest.hyperparameters["steps"] == 20
+    assert loaded.manifest_ == club.manifest_
+    assert loaded.manifest_.data_fingerprint == club.fit_info_.data_fingerprint
+    assert loaded.manifest_.hyperparameters["steps"] == 20
     assert loaded.mutual_information(x, y) == pytest.approx(club.mutual_information(x, y), rel=1e-12)
 
 
@@ -211,4 +300,42 @@ def test_upstream_checkpoint_copy_in_tmp_loads_on_cpu(tmp_path, reference_checkp
 )
 def test_bad_input_is_named(x, y, message):
     with pytest.raises(ValueError, match=message):
-        CLUB(4, 4, 8).mutual_information(x, y)
+        seeded_club(4, 4, 8).mutual_information(x, y)
+
+
+# --- the fitted-estimator protocol (scikit-learn's conventions) ----------------------------------------
+def test_an_unfitted_club_refuses_to_estimate():
+    club = CLUB(8, 8, 16)
+    x, y = unit_rows(20, 8, 30), unit_rows(20, 8, 31)
+    assert not club.__sklearn_is_fitted__()
+    assert club.fit_info_ is None and club.manifest_ is None
+    for estimate in (lambda: club.mutual_information(x, y), lambda: club.conditional_params(x)):
+        with pytest.raises(NotFittedError, match=r"not fitted: call fit\(\) or load a checkpoint"):
+            estimate()
+    assert issubclass(NotFittedError, ValueError) and issubclass(NotFittedError, AttributeError)
+
+
+def test_fit_load_state_dict_and_checkpoints_mark_the_estimator_fitted(tmp_path):
+    x, y = gaussian_pairs(200, 8, 0.5, seed=32)
+    club = CLUB(8, 8, 16)
+    assert club.fit(x, y, steps=5, batch_size=32, progress=False) is club
+    assert club.__sklearn_is_fitted__() and club.fit_info_.steps_run == 5
+    value = club.mutual_information(x, y)
+    path = club.save(tmp_path / "est.safetensors", club.make_manifest(ENCODERS))
+    assert CLUB.from_checkpoint(path).mutual_information(x, y) == value
+    other = CLUB(8, 8, 16)
+    other.load_state_dict(club.state_dict())
+    assert other.__sklearn_is_fitted__() and other.mutual_information(x, y) == value
+    other.reset_parameters(0)  # fresh random weights: not fitted any more
+    assert not other.__sklearn_is_fitted__()
+    partial = CLUB(8, 8, 16)
+    partial.load_state_dict(
+        {k: v for k, v in club.state_dict().items() if k.startswith("p_mu")}, strict=False
+    )
+    assert not partial.__sklearn_is_fitted__()
+
+
+def test_error_types_are_the_ones_of_lmms_emi_errors():
+    assert CheckpointError is lmms_emi.errors.CheckpointError
+    assert EncoderMismatchError is lmms_emi.errors.EncoderMismatchError
+    assert NotFittedError is lmms_emi.errors.NotFittedError

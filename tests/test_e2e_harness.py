@@ -90,7 +90,7 @@ def _cli() -> list[str]:
             return [str(script), "eval"]
     except ImportError:
         pass
-    return [sys.executable, "-m", "lmms_emi.harness.launch"]
+    return [sys.executable, "-m", "lmms_emi.cli", "eval"]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -105,7 +105,7 @@ def _results(out: Path) -> tuple[Path, dict]:
 
 
 def _error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
-    return [x for x in proc.stderr.splitlines() if x.startswith("lmms-emi: error:")]
+    return [x for x in proc.stderr.splitlines() if x.startswith("lmms-emi eval: error:")]
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_numbers_match_the_library(single: dict, setup: dict[str, Path]) -> None
     from lmms_emi import emi as emi_lib
     from lmms_emi.embed import Embedder
     from lmms_emi.estimators.club import CLUB
-    from lmms_emi.responses import responses_for_rows
+    from lmms_emi.sources.responses import responses_for_rows
 
     embedder = Embedder(
         vision=f"hf-clip:{setup['clip']}", text=f"hf-text:{setup['xlmr']}", text_layer=0, cache_dir=False,
@@ -224,7 +224,7 @@ def test_two_processes_give_the_same_numbers(single: dict, setup: dict[str, Path
     out = setup["root"] / "out2"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(_free_port()), "-m", "lmms_emi.harness.launch",
+        "--master_port", str(_free_port()), "-m", "lmms_emi.cli", "eval",
         "--tasks", GROUP, *_emi_args(setup, out, "--no_builtin_tasks"),
     ]  # fmt: skip
     proc = _run(cmd, cwd=setup["root"])

@@ -463,7 +463,7 @@ def test_spec_in_checkpoint_manifest_guards_encoders(models: dict, tmp_path: Pat
     e0 = _embedder(models)
     club = CLUB(x_dim=e0.dim, y_dim=e0.dim, hidden_size=8)
     path = club.save(tmp_path / "club.safetensors", club.make_manifest(e0.encoder_spec()))
-    assert CLUB.from_checkpoint(path, encoders=e0.encoder_spec()).manifest.encoders == e0.encoder_spec()
+    assert CLUB.from_checkpoint(path, encoders=e0.encoder_spec()).manifest_.encoders == e0.encoder_spec()
     with pytest.raises(EncoderMismatchError, match=r"text\.layer"):
         CLUB.from_checkpoint(path, encoders=_embedder(models, text_layer=2).encoder_spec())
     # the paper's plain state dict (no manifest) refuses non-paper encoders

@@ -17,6 +17,7 @@ from lmms_emi.emi import (
     partial_upper_bound,
     query_embedding,
 )
+from lmms_emi.errors import NotFittedError
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.estimators.rjsd import rjsd
 
@@ -100,17 +101,57 @@ def test_identical_tasks_have_zero_input_terms():
 
 
 def test_vectorised_bootstrap_replicates_equal_direct_estimates(club):
-    from lmms_emi.emi import _prepare
+    from lmms_emi.emi import _conditionals, _resampled_emi
 
     p = task(45, 7)
-    prepared = _prepare(club, p, "p")
+    emb, mu, logvar = _conditionals(club, p, "p")
     rng = np.random.default_rng(0)
     index = rng.integers(0, 45, size=(5, 45))
-    fast = prepared.resampled_emi(index)
+    fast = _resampled_emi(mu, logvar, emb.z_model, emb.z_ref, index)
     slow = [effective_mutual_information(club, *p.subset(row)).emi for row in index]
     np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-9)
     point = effective_mutual_information(club, *p).emi
-    assert prepared.resampled_emi(np.arange(45))[0] == pytest.approx(point)
+    assert _resampled_emi(mu, logvar, emb.z_model, emb.z_ref, np.arange(45))[0] == pytest.approx(
+        point, rel=1e-12
+    )
+
+
+def seeded_club(seed: int) -> CLUB:
+    club = CLUB(D, D, 32)
+    club.reset_parameters(seed)
+    club.load_state_dict(club.state_dict())
+    return club.eval()
+
+
+def test_values_are_those_of_the_implementation_before_the_shared_weighted_form():
+    """Regression: EMI and bootstrap intervals as the earlier code (a separate closed form for the bootstrap,
+    with float64 copies of y and y²) computed them on this data."""
+    club = seeded_club(1)
+    p, q = task(120, 30), task(90, 31, shift=0.5, relevance=0.3)
+    before = {  # (emi, mi_model, leave-one-out emi)
+        "p": (0.0014546657323618092, -0.012152181685532672, 0.0014668898141463622),
+        "q": (-0.012024602647430885, -0.024503161357311853, -0.012159710542345839),
+    }
+    for name, t in (("p", p), ("q", q)):
+        r = effective_mutual_information(club, *t)
+        loo = effective_mutual_information(club, *t, leave_one_out=True).emi
+        assert (r.emi, r.mi_model, loo) == pytest.approx(before[name], abs=1e-10)
+    a = bootstrap_emi(club, p, n_resamples=200, seed=0)
+    assert (a.low, a.high) == pytest.approx((-0.006007673801241074, 0.00920543787841533), abs=1e-10)
+    d = bootstrap_emid(club, p, q, n_resamples=200, seed=0)
+    assert (d.low, d.high) == pytest.approx((-0.0018102500164652304, 0.027109819285778207), abs=1e-10)
+
+
+def test_an_unfitted_estimator_is_refused():
+    p = task(20, 13)
+    unfitted = CLUB(D, D, 32)
+    for use in (
+        lambda: effective_mutual_information(unfitted, *p),
+        lambda: bootstrap_emi(unfitted, p, n_resamples=10),
+        lambda: bootstrap_emid(unfitted, p, p, n_resamples=10),
+    ):
+        with pytest.raises(NotFittedError, match=r"call fit\(\) or load a checkpoint"):
+            use()
 
 
 def test_bootstrap_intervals_are_seeded_and_bracket_the_estimate(club):

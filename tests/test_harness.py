@@ -15,19 +15,28 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers_analysis import small_club
 
+from lmms_emi import paths
 from lmms_emi import scenarios as sc
-from lmms_emi.harness import launch, make_tasks, overrides, paths, runtime, task_utils
+from lmms_emi.cli import main
+from lmms_emi.emi import TaskEmbeddings
+from lmms_emi.errors import EXIT_USAGE, DataPathError, UsageError
+from lmms_emi.estimators.club import CLUB
+from lmms_emi.harness import launch, make_tasks, overrides, session, task_utils
 from lmms_emi.harness.options import EMIOptions
+from lmms_emi.metrics import TASK_METRICS
+from lmms_emi.pipeline import AnalysisSettings, EstimatorInfo, RunAnalysis, ShiftAnalysis, analyze_shift
+from lmms_emi.sources.datasets import local_dataset
 
 datasets = pytest.importorskip("datasets")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_runtime():
-    runtime.reset(EMIOptions())
+def _fresh_session():
+    session.reset(EMIOptions())
     yield
-    runtime.reset()
+    session.reset()
 
 
 # ------------------------------------------------------------------------------------------- task YAMLs
@@ -56,7 +65,7 @@ def test_task_index_and_configs() -> None:
     assert cfg["test_split"] == "llava_bench_in_the_wild_hard_Korean"
     assert cfg["generation_kwargs"]["do_sample"] is False and cfg["generation_kwargs"]["max_new_tokens"] > 0
     assert cfg["process_docs"].__name__ == "process_docs__lbshift_nat_llava_bench_in_the_wild_hard_Korean"
-    assert [m["metric"] for m in cfg["metric_list"]] == list(task_utils.TASK_METRICS)
+    assert [m["metric"] for m in cfg["metric_list"]] == [m.name for m in TASK_METRICS]
     group = tm._get_config("llavabench_shift_synthetic")
     assert group["task"][0] == sc.id_scenario("synthetic").task
     sub = tm._get_config("llavabench_shift_synthetic_joint")
@@ -80,8 +89,8 @@ def test_names_do_not_collide_with_builtin_tasks() -> None:
 def _docs(task: str, n: int) -> list[dict]:
     return [
         {
-            runtime.TASK_COLUMN: task,
-            runtime.DOC_ID_COLUMN: i,
+            session.TASK_COLUMN: task,
+            session.DOC_ID_COLUMN: i,
             "question_id": 100 + i,
             "question": f"question {i}",
             "reference_answer": f"reference {i}",
@@ -99,7 +108,7 @@ def test_process_results_thread_safe_and_picklable() -> None:
         )
     assert threaded == serial
     first = pickle.loads(pickle.dumps(serial[7]))
-    assert set(first) == set(task_utils.TASK_METRICS)
+    assert set(first) == {m.name for m in TASK_METRICS}
     assert first["emi"] == {
         "task": "lbshift_syn_llava_bench_coco",
         "doc_id": 7,
@@ -116,8 +125,8 @@ def test_process_docs_binds_task_and_row_numbers() -> None:
     assert fn is task_utils.process_docs__lbshift_syn_llava_bench_coco_sr_7  # one object per task
     ds = datasets.Dataset.from_dict({"question": ["a", "b", "c"], "reference_answer": ["x", "y", "z"]})
     out = fn(ds)
-    assert out[DOC := runtime.DOC_ID_COLUMN] == [0, 1, 2] and DOC in out.column_names
-    assert out[runtime.TASK_COLUMN] == ["lbshift_syn_llava_bench_coco_sr_7"] * 3
+    assert out[DOC := session.DOC_ID_COLUMN] == [0, 1, 2] and DOC in out.column_names
+    assert out[session.TASK_COLUMN] == ["lbshift_syn_llava_bench_coco_sr_7"] * 3
     with pytest.raises(AttributeError):
         task_utils.not_a_function  # noqa: B018
 
@@ -127,9 +136,9 @@ def test_samples_sorted_by_doc_id_from_rank_major_order() -> None:
     records = [task_utils.process_results(d, ["r"])["emi"] for d in _docs(task, 9)]
     rank_major = records[0::2] + records[1::2]  # what gather_object gives with 2 ranks
     assert task_utils.agg_emi(rank_major) is None  # no estimator without training: filled in after the run
-    assert [r["doc_id"] for r in runtime._STATE.samples[task]] == list(range(9))
+    assert [r["doc_id"] for r in session.current().records(task)] == list(range(9))
     assert task_utils.agg_emi_n(rank_major) == 9
-    assert runtime.registered_tasks() == [task]
+    assert session.current().tasks() == [task]
 
 
 def test_group_functions() -> None:
@@ -161,14 +170,14 @@ def test_plan_adds_id_task_for_subgroups_only() -> None:
 
 
 def test_plan_unknown_plugin_task_suggests() -> None:
-    with pytest.raises(launch.UserError, match="did you mean lbshift_syn_llava_bench_coco_frost_3"):
+    with pytest.raises(UsageError, match="did you mean lbshift_syn_llava_bench_coco_frost_3"):
         launch.plan_tasks("lbshift_syn_llava_bench_coco_frost3")
 
 
 def test_set_arg() -> None:
     argv = ["--tasks", "a", "--include_path=x", "--model", "m"]
-    assert launch._set_arg(argv, "--include_path", None) == ["--tasks", "a", "--model", "m"]
-    assert launch._set_arg(argv, "--tasks", "b") == ["--include_path=x", "--model", "m", "--tasks", "b"]
+    assert launch.set_arg(argv, "--include_path", None) == ["--tasks", "a", "--model", "m"]
+    assert launch.set_arg(argv, "--tasks", "b") == ["--include_path=x", "--model", "m", "--tasks", "b"]
 
 
 def test_describe_error_messages() -> None:
@@ -207,24 +216,25 @@ def test_local_dataset_forms(tmp_path: Path) -> None:
     splits = ["llava_bench_coco_English", "llava_bench_coco_German"]
     saved = tmp_path / "saved"
     datasets.DatasetDict({s: _tiny_split() for s in splits}).save_to_disk(str(saved))
-    path, kwargs, found = overrides.local_dataset(saved)
-    assert (path, kwargs, found) == (str(saved.resolve()), {"load_from_disk": True}, splits)
+    local = local_dataset(saved)
+    assert (local.path, local.splits) == (str(saved.resolve()), splits)
+    assert local.kwargs == {"load_from_disk": True}
     pq = tmp_path / "pq" / "data"
     pq.mkdir(parents=True)
     for s in splits:
         _tiny_split().to_parquet(str(pq / f"{s}-00000-of-00001.parquet"))
-    path, kwargs, found = overrides.local_dataset(tmp_path / "pq")
-    assert path == "parquet" and sorted(found) == sorted(splits)
-    assert kwargs["data_files"]["llava_bench_coco_German"][0].endswith(
+    local = local_dataset(tmp_path / "pq")
+    assert local.path == "parquet" and sorted(local.splits) == sorted(splits)
+    assert local.kwargs["data_files"]["llava_bench_coco_German"][0].endswith(
         "llava_bench_coco_German-00000-of-00001.parquet"
     )
     assert set(overrides.parse_data_args([str(saved)])) == {"natural"}
     assert set(overrides.parse_data_args([f"synthetic={saved}"])) == {"synthetic"}
-    with pytest.raises(overrides.DataPathError, match="no such file"):
-        overrides.local_dataset(tmp_path / "missing")
+    with pytest.raises(DataPathError, match="no such file"):
+        local_dataset(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(overrides.DataPathError, match="not a local copy"):
-        overrides.local_dataset(tmp_path / "empty")
+    with pytest.raises(DataPathError, match="not a local copy"):
+        local_dataset(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("form", ["saved", "parquet"])
@@ -248,11 +258,15 @@ def test_override_dir_loads_local_copy(tmp_path: Path, form: str) -> None:
     tm = TaskManager(include_defaults=False, include_path=str(include))
     task = tm.load_task_or_group(["lbshift_syn_llava_bench_coco_sr_4"])["lbshift_syn_llava_bench_coco_sr_4"]
     docs = task.test_docs()
-    assert len(docs) == 4 and docs[2][runtime.DOC_ID_COLUMN] == 2
+    assert len(docs) == 4 and docs[2][session.DOC_ID_COLUMN] == 2
     assert task.doc_to_text(docs[1]) == "q1"
     assert task_utils.doc_to_visual(task.dataset[split][0])[0].size == (8, 8)
-    assert runtime._STATE.datasets["lbshift_syn_llava_bench_coco_sr_4"] is not None
-    with pytest.raises(launch.UserError, match="split llava_bench_coco_frost_1 is not in the local copy"):
+    assert len(session.current().samples([])) == 0  # nothing aggregated yet, but the split is registered
+    record = task_utils.process_results(docs[2], ["an answer"])["emi"]
+    session.current().register_samples([record])
+    (sample,) = session.current().samples()["lbshift_syn_llava_bench_coco_sr_4"]
+    assert sample.doc_id == 2 and sample.image["bytes"] is not None  # the image read back from the split
+    with pytest.raises(UsageError, match="split llava_bench_coco_frost_1 is not in the local copy"):
         launch.check_local_splits(launch.plan_tasks("lbshift_syn_llava_bench_coco_frost_1"), data)
 
 
@@ -306,11 +320,12 @@ def test_replay_model_registered_through_entry_point() -> None:
 
 
 # ------------------------------------------------------------------------------------------- results
-def _fake_run() -> runtime.RunAnalysis:
-    from lmms_emi import analysis
-    from lmms_emi.emi import TaskEmbeddings
-    from lmms_emi.estimators.club import CLUB
+def _run_of(result: ShiftAnalysis, club: CLUB) -> RunAnalysis:
+    info = EstimatorInfo("checkpoint", "x.safetensors", "global")
+    return RunAnalysis({"synthetic": result}, {}, info, club, {}, {}, AnalysisSettings(n_resamples=20))
 
+
+def _fake_run() -> RunAnalysis:
     gen = torch.Generator().manual_seed(0)
     scen = sc.scenarios("synthetic")
     tasks = [scen[0].task, scen[1].task, scen[5].task, scen[6].task]
@@ -318,9 +333,8 @@ def _fake_run() -> runtime.RunAnalysis:
         t: TaskEmbeddings(*(torch.randn(12, 8, generator=gen) + 0.1 * i for _ in range(4)))
         for i, t in enumerate(tasks)
     }
-    club = CLUB(8, 8, 16)
-    result = analysis.analyze_shift(emb, tasks[0], club, n_resamples=20)
-    return runtime.RunAnalysis(benchmarks={"synthetic": result})
+    club = small_club(8)
+    return _run_of(analyze_shift(emb, tasks[0], club, n_resamples=20), club)
 
 
 def test_update_results_writes_task_and_group_entries(tmp_path: Path) -> None:
@@ -335,7 +349,7 @@ def test_update_results_writes_task_and_group_entries(tmp_path: Path) -> None:
     }
     path = tmp_path / "r_results.json"
     path.write_text(json.dumps(results))
-    out = rewrite_results_file(path, run, entropy_scale=None, extra={"x": 1})
+    out = rewrite_results_file(path, run, extra={"x": 1}, reports={})
     assert json.loads(path.read_text()) == json.loads(json.dumps(out))
     id_entry, ood = out["results"][tasks[0]], out["results"][tasks[2]]
     assert (
@@ -363,9 +377,9 @@ def test_options_roundtrip() -> None:
 
 
 def test_help_lists_emi_options(capsys: pytest.CaptureFixture[str]) -> None:
-    assert launch.run_eval(["--help"]) == 0
+    assert main(["eval", "--help"]) == 0
     out = capsys.readouterr().out
-    for flag in ("--estimator", "--entropy_scale", "--bootstrap", "--emi_seed", "--data", "--metrics"):
+    for flag in ("--estimator", "--entropy-scale", "--bootstrap", "--emi-seed", "--data", "--metrics"):
         assert flag in out
 
 
@@ -378,35 +392,33 @@ def test_usage_errors_before_lmms_eval(tmp_path: Path, capsys: pytest.CaptureFix
         (["--model", "dummy"], "give the tasks"),
     ]
     for argv, message in cases:
-        assert launch.run_eval(argv) == launch.EXIT_USAGE
+        assert main(["eval", *argv]) == EXIT_USAGE
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("lmms-emi: error:") and message in err[0], err
+        assert len(err) == 1 and err[0].startswith("lmms-emi eval: error:") and message in err[0], err
 
 
 def test_lmms_peek() -> None:
-    ns = launch._lmms_peek(["--model", "m", "--tasks=a,b", "--output_path", "o", "--limit", "3"])
+    ns = launch.lmms_peek(["--model", "m", "--tasks=a,b", "--output_path", "o", "--limit", "3"])
     assert isinstance(ns, argparse.Namespace) and (ns.model, ns.tasks, ns.output_path) == ("m", "a,b", "o")
 
 
 def test_theorem_bound_used_with_an_entropy_scale() -> None:
-    from lmms_emi import analysis
     from lmms_emi.harness.results import update_results
 
     run = _fake_run()
     base = run.benchmarks["synthetic"]
-    emb_run = runtime.RunAnalysis(
-        benchmarks={
-            "synthetic": analysis.ShiftAnalysis(
-                base.id_task,
-                tuple(
-                    t if t.is_id else type(t)(**{**t.__dict__, "bound_theorem": 10 * t.bound})
-                    for t in base.tasks
-                ),
-                base.correlations,
-            )
-        }
+    emb_run = _run_of(
+        ShiftAnalysis(
+            base.id_task,
+            tuple(
+                t if t.is_id else type(t)(**{**t.__dict__, "bound_theorem": 10 * t.bound}) for t in base.tasks
+            ),
+            base.correlations,
+        ),
+        run.club,
     )
+    emb_run.settings = AnalysisSettings(entropy_scale=2.0)
     task = base.tasks[1].task
     results = {"results": {task: {}}, "group_subtasks": {task: []}}
-    out = update_results(results, emb_run, entropy_scale=2.0, extra={})
+    out = update_results(results, emb_run, extra={}, reports={})
     assert out["results"][task]["emid_bound,none"] == pytest.approx(10 * base.tasks[1].bound)

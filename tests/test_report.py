@@ -10,7 +10,8 @@ import pytest
 from helpers_analysis import ID_TASK, shifted_tasks, small_club
 from PIL import Image
 
-from lmms_emi.analysis import EstimatorInfo, analyze_shift, atomic_write
+from lmms_emi._io import atomic_write
+from lmms_emi.pipeline import EstimatorInfo, analyze_shift
 from lmms_emi.report import CSV_COLUMNS, robustness_summary, to_markdown, write_report
 
 
@@ -113,7 +114,7 @@ def test_json_has_no_nan(tmp_path):
     res = analyze_shift(tasks, ID_TASK, small_club(), n_resamples=0)
     from dataclasses import replace
 
-    from lmms_emi.analysis import correlate
+    from lmms_emi.pipeline import correlate
 
     const = correlate([0.1, 0.2, 0.3], [1.0, 1.0, 1.0])
     res = replace(res, correlations={"bound": const, "partial_bound": None})

@@ -64,7 +64,7 @@ def _run(target: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_wheel_copy_is_imported_with_its_tasks_and_model(installed: Path) -> None:
     code = (
         "import sys, lmms_emi\n"
-        "from lmms_emi.harness.paths import tasks_dir\n"
+        "from lmms_emi.paths import tasks_dir\n"
         "from lmms_eval.models import get_model\n"
         "cls = get_model('emi_replay')\n"
         "print(lmms_emi.__file__); print(tasks_dir()); print(sys.modules[cls.__module__].__file__)\n"
@@ -78,7 +78,7 @@ def test_wheel_copy_is_imported_with_its_tasks_and_model(installed: Path) -> Non
 
 
 def test_installed_wheel_lists_the_tasks(installed: Path) -> None:
-    proc = _run(installed, "-m", "lmms_emi.harness.launch", "--tasks", "list", "--no_builtin_tasks")
+    proc = _run(installed, "-m", "lmms_emi.cli", "eval", "--tasks", "list", "--no_builtin_tasks")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     listing = proc.stdout + proc.stderr
     assert str(installed / "lmms_emi" / "tasks") in listing  # lmms-eval's "Including path" line
@@ -91,7 +91,7 @@ def test_installed_wheel_lists_the_tasks(installed: Path) -> None:
     for name in names:
         assert name in listing, name
     cli = installed / "bin" / "lmms-emi"
-    if (installed / "lmms_emi" / "cli.py").is_file() and cli.is_file():
+    if (installed / "lmms_emi" / "cli" / "__init__.py").is_file() and cli.is_file():
         proc = _run(installed, str(cli), "eval", "--tasks", "list", "--no_builtin_tasks")
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "lbshift_syn_llava_bench_coco_frost_5" in proc.stdout + proc.stderr

@@ -9,6 +9,8 @@ Public API::
     emb.encoder_spec(); print(emb.stats.summary())
 """
 
+from lmms_emi.errors import EmbedInputError, EncoderLoadError
+
 from .cache import EmbeddingCache, cache_key, default_cache_dir
 from .distributed import dist_context, gather_rows, shard_and_gather, shard_indices
 from .embedder import (
@@ -25,7 +27,6 @@ from .encoders import (
     VISION_ENCODERS,
     EfficientNetLite0,
     Encoder,
-    EncoderLoadError,
     HFClipVision,
     HFText,
     OpenClipVision,
@@ -33,7 +34,6 @@ from .encoders import (
     mean_after_first,
     register_encoder,
 )
-from .inputs import EmbedInputError
 
 __all__ = [
     "DEFAULT_PROJECTION_SEED",

@@ -3,8 +3,8 @@
 Key: ``sha256(encoder cache id | layer | projection | content hash)``; one safetensors file per
 entry at ``<root>/<key[:2]>/<key>.safetensors``.  The file's metadata carries the key and the
 sha256 of the vector's bytes, so a truncated or corrupted entry is detected on read (and treated
-as a miss: the caller recomputes and overwrites it).  Writes go to a temp file in the same
-directory followed by ``os.replace``, which is atomic on POSIX: readers never see half a file,
+as a miss: the caller recomputes and overwrites it).  Writes go through :func:`lmms_emi._io.atomic_write`
+(a uniquely named temp file in the same directory, then ``os.replace``): readers never see half a file,
 and concurrent writers of the same key (several ranks) simply race to an identical result.
 """
 
@@ -14,13 +14,14 @@ import hashlib
 import json
 import os
 import struct
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from lmms_emi._io import atomic_write
 
 _FORMAT = "lmms_emi.embedding.v1"
 
@@ -45,7 +46,6 @@ class EmbeddingCache:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._dirs: set[Path] = set()
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -66,24 +66,10 @@ class EmbeddingCache:
     def put(self, key: str, vec: torch.Tensor) -> None:
         """Atomically write one vector (temp file in the same directory, then ``os.replace``)."""
         p = self.path(key)
-        if p.parent not in self._dirs:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(p.parent)
         arr = vec.detach().to("cpu", torch.float32).contiguous()
         digest = hashlib.sha256(arr.numpy().tobytes()).hexdigest()
         blob = st_save({"z": arr}, metadata={"format": _FORMAT, "key": key, "sha256": digest})
-        # unique per process and thread, so concurrent writers never share a temp file
-        tmp = p.parent / f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(blob)
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(p, lambda tmp: tmp.write_bytes(blob))
 
 
 def _decode(data: bytes, key: str, dim: int) -> torch.Tensor | None:

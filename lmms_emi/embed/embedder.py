@@ -13,6 +13,10 @@ with a fixed Gaussian random projection (Johnson-Lindenstrauss) ``P = G / sqrt(k
 
 Every unique content (image bytes / text) is embedded once per encoder: duplicates inside a call
 are collapsed, and results live in a content-addressed disk cache shared by all scenarios and runs.
+
+Encoders are loaded lazily: what each encoder is (name, feature, layer, dimension, cache identity) is
+read from its configuration when the Embedder is built, and its weights are loaded only when an item
+misses the cache.  A run whose embeddings are all cached loads no model and decodes no image.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from lmms_emi.emi import TaskEmbeddings
+from lmms_emi.errors import EncoderLoadError
+from lmms_emi.estimators.club import PAPER_ENCODERS
 
 from .cache import EmbeddingCache, cache_key, default_cache_dir
 from .distributed import dist_context, shard_and_gather
-from .encoders import Encoder, Prepared, load_encoder
-from .inputs import coerce_texts, make_image_item, text_hash
+from .encoders import Encoder, EncoderInfo, Prepared, describe_encoder, load_encoder
+from .inputs import HashMemo, coerce_texts, make_image_item, text_hash
 
 DEFAULT_PROJECTION_SEED = 0
 
@@ -54,10 +61,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 _PROFILE_SPECS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "vision": {"name": "openai/clip-vit-base-patch32", "feature": "patch_mean", "layer": -1, "dim": 768},
-        "text": {"name": "xlm-roberta-base", "feature": "mean_after_first", "layer": 0, "dim": 768},
-    },
+    "paper": PAPER_ENCODERS,
     "offline": {
         "vision": {"name": "efficientnet_lite0", "feature": "pre_logits", "layer": -1, "dim": 384},
         "text": {
@@ -77,9 +81,25 @@ _PROFILE_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-def profile_spec(profile: str) -> dict[str, Any]:
-    """The ``encoder_spec()`` a default profile produces, without loading any model."""
-    return json.loads(json.dumps(_PROFILE_SPECS[profile]))
+#: Embedder arguments that change ``encoder_spec()`` (the others: cache, device, batching, progress, ...).
+SPEC_ARGUMENTS = ("vision", "text", "text_layer", "vision_name", "text_name", "projection_seed")
+
+
+def profile_spec(profile: str, **overrides: Any) -> dict[str, Any]:
+    """The ``encoder_spec()`` that ``Embedder.from_profile(profile, **overrides)`` has, without loading any
+    model: the profile's fixed spec, or with encoder overrides the one read from the encoders' configs
+    (a local folder holding the paper's CLIP ViT-B/32 or XLM-R-base is named as such). Overrides that do not
+    change the spec (``cache_dir``, ``device``, ``batch_size``, ...) and None values are ignored.
+
+    Raises ``ValueError`` for an unknown profile or a text layer out of range and
+    :class:`~lmms_emi.errors.EncoderLoadError` for an encoder whose config cannot be read."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+    relevant = {k: overrides[k] for k in SPEC_ARGUMENTS if overrides.get(k) is not None}
+    if not relevant:
+        return json.loads(json.dumps(_PROFILE_SPECS[profile]))
+    emb = Embedder.from_profile(profile, cache_dir=False, device="cpu", progress=False, **relevant)
+    return emb.encoder_spec()
 
 
 @dataclass
@@ -95,6 +115,8 @@ class ModalityStats:
     forward_passes: int = 0  # batches
     truncated: int = 0  # texts cut at the encoder's max length
     seconds: float = 0.0  # wall time spent encoding (preprocess + forward)
+    forward_seconds: float = 0.0  # of which inside the encoder's forward passes
+    load_seconds: float = 0.0  # wall time spent loading the encoder (0 when it was never needed)
 
     @property
     def saved(self) -> int:
@@ -128,6 +150,16 @@ class EmbedStats:
         return self._sum("cache_misses")
 
     @property
+    def load_seconds(self) -> float:
+        """Wall time spent loading encoders."""
+        return float(self.image.load_seconds + self.text.load_seconds)
+
+    @property
+    def forward_seconds(self) -> float:
+        """Wall time spent inside encoder forward passes."""
+        return float(self.image.forward_seconds + self.text.forward_seconds)
+
+    @property
     def saved(self) -> int:
         """Embeddings served without an encoder call (in-call duplicates + cache hits; under
         multi-process also the items other ranks encoded)."""
@@ -150,7 +182,8 @@ class EmbedStats:
             )
         lines.append(
             f"total: {self.requested} requested, {self.encoder_calls} encoded, "
-            f"{self.saved} encoder calls saved"
+            f"{self.saved} encoder calls saved; {self.load_seconds:.1f} s loading encoders, "
+            f"{self.forward_seconds:.1f} s in forward passes"
         )
         return "\n".join(lines)
 
@@ -179,6 +212,9 @@ class RandomProjection:
             "in_dim": self.in_dim,
             "out_dim": self.out_dim,
         }
+
+
+_MODALITY = {"vision": "image", "images": "image", "texts": "text"}
 
 
 def _check_sequence(obj: Any, what: str) -> None:
@@ -211,7 +247,16 @@ class Embedder:
             only (e.g. lmms-eval aggregation) would otherwise deadlock.
         projection_seed: seed of the random projection used when the encoder dims differ.
         vision_name, text_name: name recorded in ``encoder_spec()`` (e.g. the hub id of weights
-            loaded from a local mirror); defaults to the name/path given.
+            loaded from a local mirror); default: the hub id given, or for a local folder the canonical
+            name of the known encoder its config describes (``openai/clip-vit-base-patch32``,
+            ``xlm-roberta-base``; see :data:`~lmms_emi.embed.encoders.KNOWN_ENCODERS`), else its path.
+        lazy: load an encoder's weights only when an item misses the cache (default).  ``False`` loads
+            both when the Embedder is built.  Either way, building the Embedder reads the encoders'
+            configs, so a missing encoder or a bad text layer fails here.
+
+    What the encoders are is known without loading them: :meth:`encoder_spec`,
+    :meth:`encoder_info`, :attr:`dim` and the cache keys come from their configs; :attr:`vision` and
+    :attr:`text` give the loaded encoders (loading them on first access).
 
     Outputs are CPU float32 tensors with L2-normalised rows, in input order.
     """
@@ -232,6 +277,7 @@ class Embedder:
         projection_seed: int = DEFAULT_PROJECTION_SEED,
         vision_name: str | None = None,
         text_name: str | None = None,
+        lazy: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -240,30 +286,36 @@ class Embedder:
             if device is not None
             else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )
-        self.vision = load_encoder(vision, "image", name=vision_name).to(self.device)
-        self.text = load_encoder(text, "text", layer=text_layer, name=text_name).to(self.device)
         self.batch_size = batch_size
         self.progress = progress
         self.num_workers = num_workers
         self.distributed = distributed
         self.amp_dtype = self._resolve_precision(precision)
-        self.cache: EmbeddingCache | None = None
-        if cache_dir is not False:
-            self.cache = EmbeddingCache(default_cache_dir() if cache_dir is None else Path(cache_dir))
         self.stats = EmbedStats()
         self._warned: set[str] = set()
         # public calls are serialised: safe to share one Embedder between threads (e.g. lmms-eval's
         # threaded process_results); the work inside a call is already batched and threaded.
         self._lock = threading.RLock()
+        self._sources: dict[str, tuple[str | Encoder, dict[str, Any]]] = {
+            "image": (vision, {"name": vision_name}),
+            "text": (text, {"layer": text_layer, "name": text_name}),
+        }
+        self._encoders: dict[str, Encoder] = {}
+        self._infos: dict[str, EncoderInfo] = {}
+        for modality in ("image", "text"):
+            self._infos[modality] = self._describe(modality, lazy)
+        self.cache: EmbeddingCache | None = None
+        if cache_dir is not False:
+            self.cache = EmbeddingCache(default_cache_dir() if cache_dir is None else Path(cache_dir))
 
-        dv, dt = self.vision.dim, self.text.dim
+        dv, dt = self._infos["image"].dim, self._infos["text"].dim
         self.projections: dict[str, RandomProjection] = {}
         if dv > dt:
             self.projections["image"] = RandomProjection("vision", dv, dt, projection_seed)
         elif dt > dv:
             self.projections["text"] = RandomProjection("text", dt, dv, projection_seed)
         self.dim = min(dv, dt)
-        self._proj_mats = {m: p.matrix().to(self.device) for m, p in self.projections.items()}
+        self._proj_mats: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -287,10 +339,72 @@ class Embedder:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return None
 
+    def _describe(self, modality: str, lazy: bool) -> EncoderInfo:
+        """What the encoder of ``modality`` is: from its config when the backend can tell, else loaded."""
+        spec, kwargs = self._sources[modality]
+        if isinstance(spec, Encoder):
+            enc = load_encoder(spec, modality)  # checks the modality
+            self._encoders[modality] = enc.to(self.device)
+            return enc.info()
+        info = describe_encoder(spec, modality, **kwargs) if lazy else None
+        if info is None:
+            return self._load(modality, None).info()
+        return info
+
+    def _load(self, modality: str, expected: EncoderInfo | None) -> Encoder:
+        spec, kwargs = self._sources[modality]
+        if expected is not None:
+            kwargs = {**kwargs, "name": expected.name}
+        t0 = time.perf_counter()
+        enc = load_encoder(spec, modality, **kwargs).to(self.device)
+        getattr(self.stats, modality).load_seconds += time.perf_counter() - t0
+        if expected is not None:
+            got = enc.info()
+            if (got.cache_id, got.dim, got.layer, got.feature) != (
+                expected.cache_id,
+                expected.dim,
+                expected.layer,
+                expected.feature,
+            ):
+                raise EncoderLoadError(
+                    f"could not load {modality} encoder {expected.source or spec!r} as its config "
+                    f"describes it: expected {expected.cache_id} (dim {expected.dim}), loaded "
+                    f"{got.cache_id} (dim {got.dim}); did its files change during the run?"
+                )
+        self._encoders[modality] = enc
+        return enc
+
     # ------------------------------------------------------------------ public API
+    @property
+    def vision(self) -> Encoder:
+        """The vision encoder, loaded on first access."""
+        return self._encoder("image")
+
+    @property
+    def text(self) -> Encoder:
+        """The text encoder, loaded on first access."""
+        return self._encoder("text")
+
+    def encoder_info(self, modality: str) -> EncoderInfo:
+        """What the ``"vision"`` (``"image"``) or ``"text"`` encoder is, without loading it."""
+        return self._infos[_MODALITY.get(modality, modality)]
+
+    def loaded_modalities(self) -> list[str]:
+        """The modalities (``"image"``, ``"text"``) whose encoder is loaded."""
+        return [m for m in ("image", "text") if m in self._encoders]
+
+    def load(self) -> Embedder:
+        """Load both encoders now (e.g. to fail early on unloadable weights or to time loading apart)."""
+        with self._lock:
+            for modality in ("image", "text"):
+                self._encoder(modality)
+        return self
+
     def encoder_spec(self) -> dict[str, Any]:
-        """JSON-serialisable description of the features (goes into the checkpoint manifest)."""
-        v, t = self.vision.spec(), self.text.spec()
+        """JSON-serialisable description of the features (goes into the checkpoint manifest).
+
+        Known from the encoders' configs: no model is loaded."""
+        v, t = self._infos["image"].spec(), self._infos["text"].spec()
         v["dim"] = t["dim"] = self.dim
         spec: dict[str, Any] = {"vision": v, "text": t}
         for p in self.projections.values():
@@ -303,7 +417,8 @@ class Embedder:
         A missing/unreadable image raises :class:`~lmms_emi.embed.EmbedInputError` naming the
         sample (its id from ``sample_ids`` when given, else its index)."""
         _check_sequence(images, "images")
-        items = [make_image_item(x, i, sample_ids) for i, x in enumerate(images)]
+        memo: HashMemo = {}
+        items = [make_image_item(x, i, sample_ids, memo) for i, x in enumerate(images)]
         with self._lock:
             return self._embed("image", [it.content_hash for it in items], items)
 
@@ -326,8 +441,6 @@ class Embedder:
 
         ``z_model`` / ``z_ref`` are None when ``responses`` / ``references`` are None.  All texts go
         through one call so that identical strings across roles are embedded once."""
-        from lmms_emi.emi import TaskEmbeddings  # core layer, imported lazily
-
         images, questions = list(images), list(questions)
         responses = None if responses is None else list(responses)
         references = None if references is None else list(references)
@@ -351,9 +464,11 @@ class Embedder:
         return TaskEmbeddings(z_v, parts["questions"], parts.get("responses"), parts.get("references"))
 
     def __repr__(self) -> str:
+        v, t = self._infos["image"], self._infos["text"]
         return (
-            f"Embedder(vision={self.vision.name!r}, text={self.text.name!r}, text_layer={self.text.layer}, "
-            f"dim={self.dim}, device={self.device}, cache={self.cache.root if self.cache else None})"
+            f"Embedder(vision={v.name!r}, text={t.name!r}, text_layer={t.layer}, dim={self.dim}, "
+            f"device={self.device}, cache={self.cache.root if self.cache else None}, "
+            f"loaded={self.loaded_modalities()})"
         )
 
     # ------------------------------------------------------------------ internals
@@ -373,15 +488,28 @@ class Embedder:
         return strs
 
     def _encoder(self, modality: str) -> Encoder:
-        return self.vision if modality == "image" else self.text
+        """The loaded encoder of ``modality`` (loading it now if needed)."""
+        enc = self._encoders.get(modality)
+        if enc is None:
+            with self._lock:
+                enc = self._encoders.get(modality) or self._load(modality, self._infos[modality])
+        return enc
+
+    def _projection(self, modality: str) -> torch.Tensor | None:
+        if modality not in self.projections:
+            return None
+        mat = self._proj_mats.get(modality)
+        if mat is None:
+            mat = self._proj_mats[modality] = self.projections[modality].matrix().to(self.device)
+        return mat
 
     def _key_prefix(self, modality: str) -> tuple[str, int, str]:
-        enc = self._encoder(modality)
+        info = self._infos[modality]
         amp = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
         proj = self.projections.get(modality)
         return (
-            f"{enc.cache_id()}|amp={amp}",
-            enc.layer,
+            f"{info.cache_id}|amp={amp}",
+            info.layer,
             json.dumps(proj.spec(), sort_keys=True) if proj else "",
         )
 
@@ -471,6 +599,8 @@ class Embedder:
         on_batch: Callable[[list[int], torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Batched forward passes with preprocessing of the next batches in worker threads."""
+        from tqdm.auto import tqdm
+
         enc = self._encoder(modality)
         st = getattr(self.stats, modality)
         m = len(payloads)
@@ -510,7 +640,9 @@ class Embedder:
                 if nxt < len(batches):
                     pending.append(submit(batches[nxt]))
                     nxt += 1
+                tf = time.perf_counter()
                 z = self._forward(modality, enc, prepared)
+                st.forward_seconds += time.perf_counter() - tf
                 out[batch] = z
                 if on_batch is not None:
                     on_batch(batch, z)
@@ -540,7 +672,7 @@ class Embedder:
             with self._autocast():
                 raw = enc.forward(inputs)
             raw = raw.float()  # projection and normalisation in float32
-            mat = self._proj_mats.get(modality)
+            mat = self._projection(modality)
             if mat is not None:
                 raw = raw @ mat
             z = F.normalize(raw, dim=-1)

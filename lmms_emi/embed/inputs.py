@@ -18,9 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-
-class EmbedInputError(ValueError):
-    """An input (image or text) could not be used; the message names the sample."""
+from lmms_emi.errors import EmbedInputError
 
 
 def describe_sample(index: int, sample_ids: Sequence[Any] | None) -> str:
@@ -87,8 +85,14 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def make_image_item(obj: Any, index: int, sample_ids: Sequence[Any] | None = None) -> ImageItem:
-    """Wrap one image input; a missing file or ``None`` raises an error naming the sample."""
+def make_image_item(
+    obj: Any, index: int, sample_ids: Sequence[Any] | None = None, memo: HashMemo | None = None
+) -> ImageItem:
+    """Wrap one image input; a missing file or ``None`` raises an error naming the sample.
+
+    Nothing is decoded here: encoded inputs (bytes, files, dataset dicts) are addressed by the sha256 of
+    their bytes. ``memo`` (an empty dict shared over the items of one call) hashes each distinct content
+    once (a dataset repeats the same image bytes in many rows)."""
     label = describe_sample(index, sample_ids)
     if isinstance(obj, dict):  # HF datasets Image feature when not decoded
         if obj.get("bytes") is not None:
@@ -105,7 +109,7 @@ def make_image_item(obj: Any, index: int, sample_ids: Sequence[Any] | None = Non
         data = bytes(obj)
         if not data:
             raise EmbedInputError(f"image for {label} is empty (0 bytes)")
-        return ImageItem(sha256_hex(data), label, data=data)
+        return ImageItem(_bytes_hash(data, memo), label, data=data)
     if isinstance(obj, str | os.PathLike):
         path = os.fspath(obj)
         try:
@@ -115,7 +119,7 @@ def make_image_item(obj: Any, index: int, sample_ids: Sequence[Any] | None = Non
             raise EmbedInputError(f"image for {label} could not be read from {path!r}: {exc}") from exc
         if not data:
             raise EmbedInputError(f"image for {label} is empty (0 bytes at {path!r})")
-        return ImageItem(sha256_hex(data), label, data=data)
+        return ImageItem(_bytes_hash(data, memo), label, data=data)
     if isinstance(obj, np.ndarray):
         arr = obj
         if arr.dtype != np.uint8:
@@ -126,6 +130,23 @@ def make_image_item(obj: Any, index: int, sample_ids: Sequence[Any] | None = Non
             raise EmbedInputError(f"image array for {label} has unusable shape {arr.shape}") from exc
         return ImageItem(_pil_hash(im), label, image=im)
     raise EmbedInputError(f"image for {label} has unsupported type {type(obj).__name__}")
+
+
+HashMemo = dict[tuple[int, bytes, bytes], list[tuple[bytes, str]]]
+
+
+def _bytes_hash(data: bytes, memo: HashMemo | None) -> str:
+    """sha256 of ``data``, computed once per distinct content of a call: contents are grouped by length and
+    their first and last bytes, and compared in full (memcmp, far cheaper than hashing) within a group."""
+    if memo is None:
+        return sha256_hex(data)
+    group = memo.setdefault((len(data), data[:64], data[-64:]), [])
+    for seen, digest in group:
+        if seen == data:
+            return digest
+    digest = sha256_hex(data)
+    group.append((data, digest))
+    return digest
 
 
 def coerce_texts(texts: Sequence[Any]) -> tuple[list[str], int]:

@@ -1,6 +1,8 @@
 """Estimators: tensors in, numbers out, no I/O beyond checkpoint files.
 
-- :mod:`lmms_emi.estimators.club` — CLUB mutual-information upper bound (closed-form O(N·d) estimate).
+- :mod:`lmms_emi.estimators.club` — CLUB mutual-information upper bound: the closed-form O(N·d) estimate
+  (:func:`weighted_club_mutual_information` for B row weightings at once, :func:`club_mutual_information`
+  its uniform case) and the :class:`CLUB` estimator (fit, checkpoints, scikit-learn's fitted protocol).
 - :mod:`lmms_emi.estimators.rjsd` — representation Jensen-Shannon divergence.
 """
 
@@ -10,7 +12,9 @@ from lmms_emi.estimators.club import (
     CheckpointError,
     CheckpointManifest,
     EncoderMismatchError,
+    NotFittedError,
     club_mutual_information,
+    weighted_club_mutual_information,
 )
 from lmms_emi.estimators.rjsd import rjsd, rjsd_from_covariances, second_moment
 
@@ -20,8 +24,10 @@ __all__ = [
     "CheckpointError",
     "CheckpointManifest",
     "EncoderMismatchError",
+    "NotFittedError",
     "club_mutual_information",
     "rjsd",
     "rjsd_from_covariances",
     "second_moment",
+    "weighted_club_mutual_information",
 ]

@@ -14,6 +14,18 @@ so the negative term costs O(N·d) time and memory instead of the O(N²·d) of t
 The negative mean includes j = i, as in the paper's code; the leave-one-out variant (j ≠ i) equals the
 above times N/(N−1) exactly.
 
+With row weights w (Σ_i w_i = 1) in place of 1/N, and a = 1/(2σ²), b = μ·a, c_i = Σ_d μ²_id a_id, the same
+algebra gives the estimate on a reweighted sample (a bootstrap replicate: w = resampling counts / N) as
+
+    Î(w) = wᵀpos + Σ_d (wᵀa)_d (wᵀy²)_d − 2 Σ_d (wᵀb)_d (wᵀy)_d + wᵀc,
+
+which :func:`weighted_club_mutual_information` evaluates for B weight vectors at once; the plain estimate
+(:func:`club_mutual_information`) is its uniform-weights case.
+
+:class:`CLUB` follows scikit-learn's conventions: ``fit`` returns the estimator, learned state ends in ``_``
+(``fit_info_``, ``manifest_``), and estimating before ``fit`` / loading a checkpoint raises
+:class:`~lmms_emi.errors.NotFittedError`.
+
 The module layout (``p_mu``, ``p_logvar``) matches the paper's estimator, so its state dict loads directly.
 """
 
@@ -33,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmms_emi._io import atomic_write
+from lmms_emi.errors import CheckpointError, EncoderMismatchError, NotFittedError
 
 __all__ = [
     "CLUB",
@@ -41,9 +54,11 @@ __all__ = [
     "CheckpointManifest",
     "EncoderMismatchError",
     "FitInfo",
+    "NotFittedError",
     "club_mutual_information",
     "encoder_mismatches",
     "fingerprint",
+    "weighted_club_mutual_information",
 ]
 
 #: The encoders the paper's estimator (``CLUB_global.pt``) was trained on: CLIP ViT-B/32 patch-token mean of
@@ -57,14 +72,6 @@ MANIFEST_KEY = "lmms_emi_manifest"
 FORMAT_NAME = "lmms-emi-club"
 FORMAT_VERSION = 1
 _CHUNK_ROWS = 4096  # rows per chunk of the O(N·d) estimate: bounds the float64 working memory
-
-
-class CheckpointError(ValueError):
-    """A CLUB checkpoint cannot be used: corrupt, unreadable, or of the wrong shape."""
-
-
-class EncoderMismatchError(CheckpointError):
-    """A CLUB checkpoint was trained on embeddings of other encoders than the ones in use."""
 
 
 @dataclass(frozen=True)
@@ -126,37 +133,86 @@ def fingerprint(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def weighted_club_mutual_information(
+    mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Closed-form CLUB estimate for each row of ``weights`` (B, n): shape (B,), float64, on ``mu``'s device.
+
+    With w a row of ``weights`` normalised to sum 1 (so resampling counts can be passed as they are),
+    a = 1/(2σ²), b = μ·a, c_i = Σ_d μ²_id a_id and pos_i = −Σ_d (y_id − μ_id)² a_id:
+
+        Î(w) = Σ_i w_i log q(y_i|x_i) − Σ_i Σ_j w_i w_j log q(y_j|x_i)
+             = wᵀpos + Σ_d (wᵀa)_d (wᵀy²)_d − 2 Σ_d (wᵀb)_d (wᵀy)_d + wᵀc.
+
+    Computed in float64 over row chunks, accumulating the (B, d) products chunk by chunk: O(B·n·d) time,
+    O(B·d + B·chunk + chunk·d) extra memory, never a float64 copy of all of μ, log σ², y or y².
+
+    Example: d = 1, σ² = 1, μ_i = y_i = ±1, so pos = 0, log q(y_j|x_i) = −2²/2 = −2 for j ≠ i and
+    Î(w) = 0 + 2·w₁w₂·2 = 4·w₁w₂: 1 for uniform weights, 0 for one row alone, 0.75 for w = (¾, ¼):
+
+    >>> y = torch.tensor([[1.0], [-1.0]])
+    >>> weighted_club_mutual_information(y, torch.zeros(2, 1), y, torch.tensor([[1, 1], [1, 0], [3, 1]]))
+    tensor([1.0000, 0.0000, 0.7500], dtype=torch.float64)
+    """
+    _check_conditionals(mu, logvar, y)
+    weights = torch.as_tensor(weights)
+    n = y.shape[0]
+    if weights.ndim != 2 or weights.shape[1] != n:
+        raise ValueError(f"weights must be a (B, {n}) matrix, got shape {tuple(weights.shape)}")
+    f64, device = torch.float64, mu.device
+    totals = weights.sum(dim=1, dtype=f64).to(device)
+    if not (bool((weights >= 0).all()) and bool(torch.isfinite(totals).all()) and bool((totals > 0).all())):
+        raise ValueError("weights must be finite and non-negative, with a positive sum in every row")
+    n_sets, d = weights.shape[0], y.shape[1]
+    linear = torch.zeros(n_sets, dtype=f64, device=device)  # wᵀ(pos + c)
+    wa, wb, wy, wy2 = (torch.zeros(n_sets, d, dtype=f64, device=device) for _ in range(4))
+    for start in range(0, n, _CHUNK_ROWS):
+        rows = slice(start, start + _CHUNK_ROWS)
+        w = weights[:, rows].to(device, f64) / totals[:, None]
+        mu_c = mu[rows].to(f64)
+        y_c = y[rows].to(device, f64, copy=True)  # copies: squared / exponentiated in place below
+        a = logvar[rows].to(f64, copy=True).neg_().exp_().mul_(0.5)
+        pos = (y_c - mu_c).square_().mul_(a).sum(dim=1).neg_()
+        b = mu_c * a
+        wa.addmm_(w, a)
+        wb.addmm_(w, b)
+        linear.addmv_(w, pos + b.mul_(mu_c).sum(dim=1))  # b·μ = μ²a: c
+        wy.addmm_(w, y_c)
+        wy2.addmm_(w, y_c.square_())
+        del w, mu_c, y_c, a, b  # free this chunk before the next one is allocated
+    return linear + (wa * wy2).sum(dim=1) - 2.0 * (wb * wy).sum(dim=1)
+
+
 def club_mutual_information(
     mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, *, leave_one_out: bool = False
 ) -> float:
     """Closed-form CLUB estimate from the conditional means/log-variances of q(y|x_i) and the samples y_i.
 
-    Î = mean_i [pos_i − neg_i] (see the module docstring), computed in float64 in row chunks:
-    O(N·d) time, O(chunk·d) extra memory. ``leave_one_out`` excludes j = i from the negative mean,
-    which multiplies the estimate by N/(N−1).
+        Î = 1/N Σ_i [pos_i − neg_i]   (see the module docstring; ×N/(N−1) with ``leave_one_out``)
+
+    the uniform-weights case of :func:`weighted_club_mutual_information`: O(N·d) time, O(chunk·d) extra
+    memory. ``leave_one_out`` excludes j = i from the negative mean.
+
+    >>> y = torch.tensor([[1.0], [-1.0]])  # μ = y, σ² = 1: pos_i = 0, neg_i = ½(0 − 2²/2) = −1
+    >>> club_mutual_information(y, torch.zeros(2, 1), y)
+    1.0
+    >>> club_mutual_information(y, torch.zeros(2, 1), y, leave_one_out=True)
+    2.0
     """
-    if mu.shape != y.shape or logvar.shape != y.shape:
-        raise ValueError(f"mu {tuple(mu.shape)}, logvar {tuple(logvar.shape)}, y {tuple(y.shape)} differ")
+    _check_conditionals(mu, logvar, y)
     n = y.shape[0]
     if n < 2:
         raise ValueError(f"CLUB needs at least 2 samples, got {n}")
-    chunks = [slice(start, start + _CHUNK_ROWS) for start in range(0, n, _CHUNK_ROWS)]
-    m1 = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
-    m2 = torch.zeros_like(m1)
-    for sl in chunks:  # first and second moments of y, never holding a float64 copy of all of y
-        y_c = y[sl].to(torch.float64)
-        m1 += y_c.sum(dim=0)
-        m2 += (y_c * y_c).sum(dim=0)
-    m1, m2 = m1 / n, m2 / n
-    total = torch.zeros((), dtype=torch.float64, device=y.device)
-    for sl in chunks:
-        mu_c = mu[sl].to(torch.float64)
-        inv_two_var = 0.5 * torch.exp(-logvar[sl].to(torch.float64))
-        pos = -((y[sl].to(torch.float64) - mu_c) ** 2 * inv_two_var).sum(dim=1)
-        neg = -((m2 - 2.0 * mu_c * m1 + mu_c * mu_c) * inv_two_var).sum(dim=1)
-        total += (pos - neg).sum()
-    estimate = float(total) / n
+    uniform = torch.ones((), dtype=torch.float64, device=mu.device).expand(1, n)
+    estimate = float(weighted_club_mutual_information(mu, logvar, y, uniform)[0])
     return estimate * n / (n - 1) if leave_one_out else estimate
+
+
+def _check_conditionals(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> None:
+    if y.ndim != 2 or mu.shape != y.shape or logvar.shape != y.shape:
+        raise ValueError(
+            f"mu {tuple(mu.shape)}, logvar {tuple(logvar.shape)}, y {tuple(y.shape)} must be equal (n, d)"
+        )
 
 
 def _mlp(x_dim: int, hidden: int, y_dim: int, *, bounded: bool) -> nn.Sequential:
@@ -170,6 +226,11 @@ class CLUB(nn.Module):
     """Gaussian variational q(y|x) with mean ``p_mu(x)`` and log-variance ``p_logvar(x)`` ∈ (−1, 1).
 
     ``p_mu = Linear(x_dim, h/2) → Tanh → Linear(h/2, y_dim)``; ``p_logvar`` is the same plus a final Tanh.
+
+    Fitted (scikit-learn's sense) after :meth:`fit`, :meth:`from_checkpoint` or :meth:`load_state_dict`;
+    before that, :meth:`conditional_params` and :meth:`mutual_information` raise ``NotFittedError``.
+    Learned state: ``fit_info_`` (set by ``fit``) and ``manifest_`` (set by ``save`` / ``from_checkpoint``,
+    reset by ``fit``); both are None when unknown.
     """
 
     def __init__(self, x_dim: int = 768, y_dim: int = 768, hidden_size: int = 500) -> None:
@@ -179,8 +240,30 @@ class CLUB(nn.Module):
         self.x_dim, self.y_dim, self.hidden_size = x_dim, y_dim, hidden_size
         self.p_mu = _mlp(x_dim, hidden_size // 2, y_dim, bounded=False)
         self.p_logvar = _mlp(x_dim, hidden_size // 2, y_dim, bounded=True)
-        self.manifest: CheckpointManifest | None = None
-        self.fit_info: FitInfo | None = None
+        self.manifest_: CheckpointManifest | None = None
+        self.fit_info_: FitInfo | None = None
+        self._fitted = False
+
+    # -- fitted state (scikit-learn's protocol) -----------------------------------------------------
+    def __sklearn_is_fitted__(self) -> bool:
+        """True once fitted, loaded from a checkpoint, or given a state dict."""
+        return self._fitted
+
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise NotFittedError(
+                f"this CLUB({self.x_dim}, {self.y_dim}, {self.hidden_size}) is not fitted: call fit() or "
+                "load a checkpoint (CLUB.from_checkpoint / load_state_dict) before estimating"
+            )
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """:meth:`torch.nn.Module.load_state_dict`, marking the estimator fitted when no weight is missing."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if not result.missing_keys:
+            self._fitted = True
+        return result
 
     # -- the model ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,13 +297,19 @@ class CLUB(nn.Module):
     @torch.no_grad()
     def conditional_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """μ(x), log σ²(x) for all rows, computed in chunks under no_grad."""
+        self._check_fitted()
         device = next(self.parameters()).device
         x = torch.as_tensor(x).to(device, torch.float32)
-        outs = [self(x[i : i + _CHUNK_ROWS]) for i in range(0, x.shape[0], _CHUNK_ROWS)]
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        mu = torch.empty(x.shape[0], self.y_dim, device=device)  # filled chunk by chunk: no concatenation
+        logvar = torch.empty_like(mu)
+        for i in range(0, x.shape[0], _CHUNK_ROWS):
+            mu[i : i + _CHUNK_ROWS], logvar[i : i + _CHUNK_ROWS] = self(x[i : i + _CHUNK_ROWS])
+        return mu, logvar
 
     def mutual_information(self, x: torch.Tensor, y: torch.Tensor, *, leave_one_out: bool = False) -> float:
-        """CLUB estimate of I(X; Y) in nats from paired rows (x_i, y_i); O(N·d) (see module docstring)."""
+        """CLUB estimate of I(X; Y) in nats from paired rows (x_i, y_i); O(N·d) (see module docstring):
+        Î = 1/N Σ_i log q(y_i|x_i) − 1/N² Σ_i Σ_j log q(y_j|x_i)."""
+        self._check_fitted()
         x, y = self._check_pairs(x, y)
         was_training = self.training
         self.eval()
@@ -233,7 +322,8 @@ class CLUB(nn.Module):
     # -- training ----------------------------------------------------------------------------------
     def reset_parameters(self, seed: int) -> None:
         """Re-draw every Linear layer as PyTorch's default init does, from a CPU generator seeded by ``seed``
-        (identical on any device)."""
+        (identical on any device). The estimator is unfitted afterwards."""
+        self._fitted = False
         gen = torch.Generator().manual_seed(seed)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -271,6 +361,7 @@ class CLUB(nn.Module):
         hyper = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": "AdamW"}
         if patience is not None:
             hyper.update(patience=patience, check_every=check_every, min_rel_improvement=min_rel_improvement)
+        self._fitted = False  # until training completes
         if not warm_start:
             self.reset_parameters(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -305,7 +396,9 @@ class CLUB(nn.Module):
                             break
         bar.close()
         self.eval()
-        self.fit_info = FitInfo(
+        self._fitted = True
+        self.manifest_ = None  # new weights: no saved manifest describes them until save()
+        self.fit_info_ = FitInfo(
             steps_run=steps_run,
             final_loss=last_window,
             stopped_early=stopped_early,
@@ -317,7 +410,7 @@ class CLUB(nn.Module):
     # -- checkpoints -------------------------------------------------------------------------------
     def make_manifest(self, encoders: Mapping[str, Any]) -> CheckpointManifest:
         """A manifest for this estimator: its sizes, the given encoder spec and, if fitted, the fit data."""
-        info = self.fit_info
+        info = self.fit_info_
         return CheckpointManifest(
             x_dim=self.x_dim,
             y_dim=self.y_dim,
@@ -340,7 +433,7 @@ class CLUB(nn.Module):
         path = Path(path)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata={MANIFEST_KEY: manifest.to_json()}))
-        self.manifest = manifest
+        self.manifest_ = manifest
         return path
 
     @classmethod
@@ -364,7 +457,7 @@ class CLUB(nn.Module):
             raise CheckpointError(f"estimator checkpoint {path} does not exist")
         state, manifest = _read_checkpoint(path)
         club = cls._from_state(path, state, x_dim=x_dim, y_dim=y_dim)
-        club.manifest = manifest
+        club.manifest_ = manifest
         if encoders is not None:
             trained_on = manifest.encoders if manifest else PAPER_ENCODERS
             problems = encoder_mismatches(trained_on, encoders)

@@ -1,12 +1,12 @@
-"""lmms-eval glue: task YAML helpers, the replay model, and the ``lmms-emi eval`` launcher.
-
-Everything here is thin: the math lives in :mod:`lmms_emi.emi` and the orchestration of embeddings,
-estimator and shift analysis in :mod:`lmms_emi.analysis`.
+"""lmms-eval glue: task YAMLs and the functions they name, the run session, the replay model, and the
+``lmms-emi eval`` launcher. Everything here is thin: a run's records go through the one pipeline
+(:mod:`lmms_emi.pipeline`) and the report writer (:mod:`lmms_emi.report`).
 
 * :mod:`.task_utils` — functions the task YAMLs reference (``!function lmms_emi.harness.task_utils.*``).
-* :mod:`.runtime` — per-process run state: samples gathered by the per-task aggregation, embeddings,
-  the final cross-task analysis.
+* :mod:`.session` — the run session: records gathered by the per-task aggregation, provisional metrics,
+  the estimator, and the final analysis through the pipeline.
+* :mod:`.make_tasks` / :mod:`.overrides` / :mod:`.foreign` — the task YAMLs, their local-data copies, and
+  the EMI metric on other lmms-eval tasks.
 * :mod:`.replay` / :mod:`.replay_model` — a model that answers from saved response files.
-* :mod:`.launch` — ``run_eval(argv)``: lmms-eval with the plugin's tasks visible, EMI options, dataset
-  override, failure detection and the results post-processing.
+* :mod:`.launch` / :mod:`.results` — the eval run and the merge of its numbers into the results JSON.
 """

@@ -15,10 +15,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lmms_emi.harness import overrides, runtime
+from lmms_emi.errors import UsageError
+from lmms_emi.harness import overrides
+from lmms_emi.harness.session import ForeignTask, RunSession
 
 
-class ForeignTaskError(ValueError):
+class ForeignTaskError(UsageError):
     """A task that ``--metrics emi`` cannot score."""
 
 
@@ -44,8 +46,8 @@ def _specific_kwargs(config: Mapping[str, Any]) -> dict[str, Any] | None:
     return dict(raw.get("default", raw))
 
 
-def register(task_manager: Any, name: str) -> None:
-    """Register task ``name``'s accessors with the run state (raises ForeignTaskError when not scorable)."""
+def register(run: RunSession, task_manager: Any, name: str) -> None:
+    """Register task ``name``'s accessors with the run session (raises ForeignTaskError when not scorable)."""
     if name not in task_manager.all_tasks:
         raise ForeignTaskError(f"unknown task {name!r}; see `lmms-emi eval --tasks list`")
     if not task_manager._name_is_task(name):
@@ -56,8 +58,8 @@ def register(task_manager: Any, name: str) -> None:
     if not config.get("doc_to_visual") or config.get("doc_to_target") is None:
         raise ForeignTaskError(f"--metrics emi: task {name} needs an image and a reference answer")
     kwargs = _specific_kwargs(config)
-    runtime.register_foreign(
-        runtime.ForeignTask(
+    run.register_foreign(
+        ForeignTask(
             name=name,
             doc_to_visual=_field(config["doc_to_visual"], "doc_to_visual", name),
             doc_to_text=_field(
@@ -69,21 +71,18 @@ def register(task_manager: Any, name: str) -> None:
     )
 
 
-def prepare(plan: Any, run_dir: Path, include_paths: list[str], *, builtin_tasks: bool = True) -> Path:
+def prepare(
+    run: RunSession, plan: Any, run_dir: Path, include_paths: list[str], *, builtin_tasks: bool = True
+) -> Path:
     """Register the plan's foreign tasks and write the run's task folder; return it (for ``--tasks``)."""
     from lmms_eval.tasks import TaskManager
-
-    from lmms_emi.harness.launch import UserError
 
     manager = TaskManager("WARNING", include_path=include_paths, include_defaults=builtin_tasks)
     folder = run_dir / "emi_tasks"
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(plan.tasks):
         if name in plan.foreign:
-            try:
-                register(manager, name)
-            except ForeignTaskError as exc:
-                raise UserError(str(exc)) from None
+            register(run, manager, name)
             text = overrides.foreign_task_yaml(name)
         else:
             text = f"task: {name}\n"

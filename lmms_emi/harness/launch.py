@@ -1,20 +1,19 @@
-"""``lmms-emi eval``: lmms-eval with the plugin's tasks visible and the EMI metric computed end to end.
+"""``lmms-emi eval``, harness side: lmms-eval with the plugin's tasks visible, then the run's records
+through the one pipeline, the reports, and the final numbers merged into lmms-eval's results JSON.
 
-``run_eval(argv)`` takes lmms-eval's own arguments plus the EMI options below, then
+:func:`run_eval` takes the parsed EMI options (see :mod:`lmms_emi.cli.eval`) and lmms-eval's own arguments:
 
 1. plans the run: the plugin's task folder goes into lmms-eval's ``include_path`` (injected through the
    ``argparse.Namespace`` that ``lmms_eval.__main__.cli_evaluate`` merges over the parsed argv, so nobody
    types ``--include_path``); with ``--data`` a copy of the task tree whose ``_dataset.yaml`` points at the
    local copy is used instead; a run of shifted tasks gets its benchmark's ID task added (EMID needs it);
    ``--metrics emi`` attaches the EMI metric to other lmms-eval tasks;
-2. exports the EMI options (``$LMMS_EMI_OPTIONS``) for the task functions of every process;
+2. exports the EMI options (``$LMMS_EMI_OPTIONS``) for the run session of every process, and checks a named
+   estimator before any generation;
 3. runs ``cli_evaluate`` in this process, recording the exception or results of ``cli_evaluate_single``
    (lmms-eval logs errors and returns normally, so a failed run would otherwise look successful);
-4. on rank 0: ``runtime.finalize`` (embeddings, estimator — fitted on the pooled embeddings of the run when no
-   checkpoint fits — and the shift analysis), the reports next to the results JSON, and the final numbers
-   merged into that JSON (atomic rewrite).
-
-Every user error ends as one ``lmms-emi: error: ...`` line on stderr and a non-zero exit status.
+4. on rank 0: :meth:`RunSession.finalize` (the one pipeline), :func:`lmms_emi.report.write_run_reports`
+   next to the results JSON, and the final numbers merged into that JSON (atomic rewrite).
 """
 
 from __future__ import annotations
@@ -28,70 +27,31 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmms_emi import scenarios as sc
-from lmms_emi.harness import make_tasks, overrides, paths
+from lmms_emi.errors import EXIT_OK, RunFailedError, UsageError
+from lmms_emi.harness import foreign, make_tasks, overrides, session
 from lmms_emi.harness.options import EMIOptions
+from lmms_emi.harness.replay import REPLAY_MODEL, model_manifests
+from lmms_emi.harness.results import rewrite_results_file
+from lmms_emi.paths import tasks_dir
+from lmms_emi.report import write_run_reports
+from lmms_emi.sources.datasets import LocalDataset
+from lmms_emi.sources.run_folder import model_name
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+__all__ = ["DEFAULT_OUTPUT", "LIST_COMMANDS", "TaskPlan", "describe_error", "plan_tasks", "run_eval"]
+
 DEFAULT_OUTPUT = "emi_results"
 LIST_COMMANDS = ("list", "list_groups", "list_tags", "list_subtasks")
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one line."""
-
-
-# ------------------------------------------------------------------------------------------- arguments
-def emi_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lmms-emi eval",
-        add_help=False,
-        description="Run lmms-eval with the LLaVA-Bench shift tasks and the EMI metric. Arguments not listed "
-        "here go to lmms-eval (see `lmms-eval eval --help`).",
-    )
-    g = p.add_argument_group("EMI options")
-    g.add_argument(
-        "--encoders", default="paper", choices=["paper", "offline"], help="encoder profile (default paper)"
-    )
-    g.add_argument("--vision_encoder", help="vision encoder: registry name, hub id or local folder")
-    g.add_argument("--text_encoder", help="text encoder: registry name, hub id or local folder")
-    g.add_argument("--text_layer", type=int, help="hidden layer of the text encoder")
-    g.add_argument("--estimator", help="CLUB checkpoint (project format or the paper's state dict), or 'fit'")
-    g.add_argument("--estimator_steps", type=int, help="training steps when an estimator is fitted")
-    g.add_argument("--entropy_scale", type=float, help="Ĥ of Theorem 4.5 (default: scale-adjusted bound)")
-    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0 = no intervals)")
-    g.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
-    g.add_argument("--emi_seed", type=int, default=0, help="seed of the estimator fit and bootstrap")
-    g.add_argument("--emi_device", help="device for embeddings and the estimator")
-    g.add_argument("--emi_batch_size", type=int, default=32, help="embedding batch size")
-    g.add_argument("--emi_cache", help="embedding cache folder, or 'off'")
-    g.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="[BENCHMARK=]PATH",
-        help="local copy of a benchmark (save_to_disk folder or parquet files), instead of the hub",
-    )
-    g.add_argument(
-        "--metrics", help="'emi': attach the EMI metric to the other (non-plugin) tasks of --tasks"
-    )
-    g.add_argument("--report_dir", help="where the EMI report goes (default: next to the results JSON)")
-    g.add_argument(
-        "--no_builtin_tasks",
-        action="store_true",
-        help="index only the plugin's (and --include_path) tasks: ~15 s faster, built-in tasks unavailable",
-    )
-    g.add_argument("-h", "--help", action="store_true", help="show this help")
-    return p
-
-
-def _lmms_peek(argv: list[str]) -> argparse.Namespace:
+def lmms_peek(argv: list[str]) -> argparse.Namespace:
     """The lmms-eval arguments the launcher needs to read or rewrite."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for name in ("--tasks", "--output_path", "--include_path", "--model", "--model_args", "--config"):
         p.add_argument(name)
     p.add_argument("--log_samples", action="store_true")
@@ -99,7 +59,7 @@ def _lmms_peek(argv: list[str]) -> argparse.Namespace:
     return known
 
 
-def _set_arg(argv: list[str], name: str, value: str | None) -> list[str]:
+def set_arg(argv: list[str], name: str, value: str | None) -> list[str]:
     """``argv`` with ``name`` set to ``value`` (removed when None); handles ``--x v`` and ``--x=v``."""
     out: list[str] = []
     skip = False
@@ -166,7 +126,7 @@ def plan_tasks(tasks_arg: str) -> TaskPlan:
                 hint = (
                     f"; did you mean {', '.join(close)}?" if close else "; see `lmms-emi eval --tasks list`"
                 )
-                raise UserError(f"unknown task {name!r}{hint}")
+                raise UsageError(f"unknown task {name!r}{hint}")
             plan.foreign.append(name)
             plan.tasks.append(name)
             continue
@@ -186,16 +146,17 @@ def plan_tasks(tasks_arg: str) -> TaskPlan:
     return plan
 
 
-def check_local_splits(plan: TaskPlan, data: dict[str, tuple[str, dict, list[str]]]) -> None:
+def check_local_splits(plan: TaskPlan, data: Mapping[str, LocalDataset]) -> None:
     """Every task of a benchmark read from a local copy must find its split there."""
     for task in plan.leaves:
         scenario = sc.scenario_for_task(task)
         if scenario is None or scenario.benchmark not in data:
             continue
-        path, kwargs, splits = data[scenario.benchmark]
+        local = data[scenario.benchmark]
+        splits = local.splits
         if scenario.split not in splits:
-            where = path if kwargs.get("load_from_disk") else "the parquet files given"
-            raise UserError(
+            where = local.path if local.kwargs.get("load_from_disk") else "the parquet files given"
+            raise UsageError(
                 f"task {task}: split {scenario.split} is not in the local copy {where} "
                 f"({len(splits)} splits there, e.g. {', '.join(splits[:3])})"
             )
@@ -294,8 +255,6 @@ def _register_replay_model() -> None:
     installed, lmms-eval finds it through the ``lmms_eval.models`` entry point."""
     from lmms_eval.models import MODEL_REGISTRY_V2
 
-    from lmms_emi.harness.replay import REPLAY_MODEL, model_manifests
-
     if REPLAY_MODEL not in MODEL_REGISTRY_V2.list_model_names():
         for manifest in model_manifests():
             MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)
@@ -307,25 +266,6 @@ def _find_results_file(output_path: str, since: float) -> Path | None:
         [p for p in root.rglob("*_results.json") if p.stat().st_mtime >= since - 1.0] if root.is_dir() else []
     )
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def _options(ns: argparse.Namespace) -> EMIOptions:
-    return EMIOptions(
-        profile=ns.encoders,
-        vision=ns.vision_encoder,
-        text=ns.text_encoder,
-        text_layer=ns.text_layer,
-        estimator=ns.estimator,
-        entropy_scale=ns.entropy_scale,
-        bootstrap=ns.bootstrap,
-        confidence=ns.confidence,
-        seed=ns.emi_seed,
-        device=ns.emi_device,
-        batch_size=ns.emi_batch_size,
-        cache_dir=ns.emi_cache,
-        train_steps=ns.estimator_steps,
-        report_dir=ns.report_dir,
-    )
 
 
 def _summary(results: dict[str, Any]) -> str:
@@ -362,47 +302,46 @@ def _summary(results: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- entry point
-def run_eval(argv: list[str]) -> int:
-    """``lmms-emi eval <lmms-eval arguments> [EMI options]``; returns the process exit status."""
-    try:
-        with tempfile.TemporaryDirectory(prefix="lmms_emi_run_") as run_dir:
-            return _run_eval(list(argv), Path(run_dir))
-    except UserError as exc:
-        print(f"lmms-emi: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as exc:  # lmms-eval's --tasks list and friends end with sys.exit()
-        return exc.code if isinstance(exc.code, int) else EXIT_OK
+def run_eval(
+    options: EMIOptions,
+    lmms_args: list[str],
+    *,
+    data_args: list[str],
+    metrics: str | None,
+    builtin_tasks: bool = True,
+) -> int:
+    """Run lmms-eval with ``lmms_args`` and the EMI ``options``; return the exit status (raises
+    :class:`~lmms_emi.errors.LmmsEmiError` for a problem the user can fix)."""
+    with tempfile.TemporaryDirectory(prefix="lmms_emi_run_") as run_dir:
+        return _run_eval(options, list(lmms_args), Path(run_dir), data_args, metrics, builtin_tasks)
 
 
-def _run_eval(argv: list[str], run_dir: Path) -> int:
-    ns, lmms_args = emi_parser().parse_known_args(argv)
-    if ns.help:
-        emi_parser().print_help()
-        print("\nEverything else is passed to lmms-eval; see `lmms-eval eval --help`.")
-        return EXIT_OK
-    peek = _lmms_peek(lmms_args)
+def _run_eval(
+    opts: EMIOptions,
+    lmms_args: list[str],
+    run_dir: Path,
+    data_args: list[str],
+    metrics: str | None,
+    builtin_tasks: bool,
+) -> int:
+    peek = lmms_peek(lmms_args)
     rank = int(os.environ.get("RANK", "0"))
     if not peek.tasks and not peek.config:
-        raise UserError("give the tasks to run with --tasks (e.g. --tasks llavabench_shift_synthetic)")
+        raise UsageError("give the tasks to run with --tasks (e.g. --tasks llavabench_shift_synthetic)")
+    data = overrides.parse_data_args(data_args)
+    if opts.estimator and opts.estimator != "fit" and not Path(opts.estimator).is_file():
+        raise UsageError(f"--estimator {opts.estimator}: no such file")
+    opts.settings()  # validates the analysis options before any generation
+    if metrics and metrics.strip().lower() != "emi":
+        raise UsageError(f"--metrics {metrics}: only 'emi' is supported")
 
-    try:
-        data = overrides.parse_data_args(ns.data)
-    except overrides.DataPathError as exc:
-        raise UserError(str(exc)) from None
-    if ns.estimator and ns.estimator != "fit" and not Path(ns.estimator).is_file():
-        raise UserError(f"--estimator {ns.estimator}: no such file")
-    if ns.bootstrap < 0:
-        raise UserError("--bootstrap must be >= 0")
-    if ns.metrics and ns.metrics.strip().lower() != "emi":
-        raise UserError(f"--metrics {ns.metrics}: only 'emi' is supported")
-
-    include_paths = [
-        str(overrides.build_include_dir(run_dir, data, paths.tasks_dir()) if data else paths.tasks_dir())
-    ]
+    include_paths = [str(overrides.build_include_dir(run_dir, data, tasks_dir()) if data else tasks_dir())]
     if peek.include_path:
         include_paths.append(peek.include_path)
-    lmms_args = _set_arg(lmms_args, "--include_path", None)
+    lmms_args = set_arg(lmms_args, "--include_path", None)
 
+    opts.to_env()
+    run = session.reset(opts)
     plan = None
     if peek.tasks and peek.tasks not in LIST_COMMANDS and not os.path.exists(peek.tasks):
         plan = plan_tasks(peek.tasks)
@@ -412,72 +351,58 @@ def _run_eval(argv: list[str], run_dir: Path) -> int:
                 f"lmms-emi: adding the ID task {', '.join(plan.added)} (EMID is measured against it)",
                 file=sys.stderr,
             )
-        if plan.foreign and ns.metrics:
-            from lmms_emi.harness import foreign
-
-            tasks_dir = foreign.prepare(plan, run_dir, include_paths, builtin_tasks=not ns.no_builtin_tasks)
-            lmms_args = _set_arg(lmms_args, "--tasks", str(tasks_dir))
+        if plan.foreign and metrics:
+            folder = foreign.prepare(run, plan, run_dir, include_paths, builtin_tasks=builtin_tasks)
+            lmms_args = set_arg(lmms_args, "--tasks", str(folder))
         else:
-            lmms_args = _set_arg(lmms_args, "--tasks", ",".join(plan.tasks))
+            lmms_args = set_arg(lmms_args, "--tasks", ",".join(plan.tasks))
     output_path = peek.output_path
     if plan is not None and not output_path:
         output_path = DEFAULT_OUTPUT
-        lmms_args = _set_arg(lmms_args, "--output_path", output_path)
+        lmms_args = set_arg(lmms_args, "--output_path", output_path)
         if rank == 0:
             print(
                 f"lmms-emi: writing results under ./{DEFAULT_OUTPUT} (set --output_path to change)",
                 file=sys.stderr,
             )
 
-    opts = _options(ns)
-    opts.to_env()
-    from lmms_emi.harness import runtime
-
-    runtime.reset(opts)
-    if ns.estimator and ns.estimator != "fit" and plan is not None and rank == 0:
+    if opts.estimator and opts.estimator != "fit" and plan is not None and rank == 0:
         try:  # fail before the (long) generation when the checkpoint does not fit the encoders
-            runtime._fixed_estimator()
+            run.fixed_estimator()
         except ValueError as exc:  # a checkpoint / encoder mismatch
-            raise UserError(f"--estimator {ns.estimator}: {exc}") from None
+            raise UsageError(f"--estimator {opts.estimator}: {exc}") from None
         except Exception as exc:  # e.g. an encoder that cannot be loaded
-            raise UserError(describe_error(exc)) from None
+            raise UsageError(describe_error(exc)) from None
 
     _register_replay_model()
     started = time.time()
-    results, error, used_output = _call_lmms_eval(
-        lmms_args, include_paths, builtin_tasks=not ns.no_builtin_tasks
-    )
+    results, error, used_output = _call_lmms_eval(lmms_args, include_paths, builtin_tasks=builtin_tasks)
     if error is not None:
-        print(f"lmms-emi: error: {describe_error(error)}", file=sys.stderr)
-        return EXIT_FAILED
-    if rank != 0 or (plan is None and not runtime.registered_tasks()):
+        raise RunFailedError(describe_error(error))
+    if rank != 0 or (plan is None and not run.tasks()):
         return EXIT_OK  # other ranks, --tasks list, or a run without the EMI metric
     if results is None:
-        print("lmms-emi: error: lmms-eval returned no results (see its log above)", file=sys.stderr)
-        return EXIT_FAILED
+        raise RunFailedError("lmms-eval returned no results (see its log above)")
     output_path = used_output or output_path
     if not output_path:
-        print("lmms-emi: error: lmms-eval saved no results: give --output_path", file=sys.stderr)
-        return EXIT_FAILED
+        raise RunFailedError("lmms-eval saved no results: give --output_path")
     results_file = _find_results_file(output_path, started)
     if results_file is None:
-        print(f"lmms-emi: error: lmms-eval wrote no results file under {output_path}", file=sys.stderr)
-        return EXIT_FAILED
-    if not runtime.registered_tasks():
+        raise RunFailedError(f"lmms-eval wrote no results file under {output_path}")
+    if not run.tasks():
         print(f"lmms-emi: no task of this run has the EMI metric; results in {results_file}", file=sys.stderr)
         return EXIT_OK
-    report_dir = Path(ns.report_dir) if ns.report_dir else results_file.parent
+    report_dir = Path(opts.report_dir) if opts.report_dir else results_file.parent
+    metadata = {"model": model_name(peek.model, peek.model_args), "model_args": peek.model_args}
     try:
-        run = runtime.finalize(report_dir, metadata={"model": peek.model, "model_args": peek.model_args})
+        analysis = run.finalize(metadata)
+        reports = write_run_reports(analysis, report_dir)
     except Exception as exc:
-        print(f"lmms-emi: error: {describe_error(exc)}", file=sys.stderr)
-        return EXIT_FAILED
-    from lmms_emi.harness.results import rewrite_results_file
-
+        raise RunFailedError(describe_error(exc)) from None
     final = rewrite_results_file(
         results_file,
-        run,
-        entropy_scale=opts.entropy_scale,
+        analysis,
+        reports=reports,
         extra={
             "options": opts.__dict__,
             "added_tasks": plan.added if plan else [],
@@ -486,15 +411,6 @@ def _run_eval(argv: list[str], run_dir: Path) -> int:
     )
     print(_summary(final))
     print(f"lmms-emi: results {results_file}; reports in {report_dir}")
-    for message in run.warnings:
+    for message in analysis.warnings:
         print(f"lmms-emi: warning: {message}", file=sys.stderr)
     return EXIT_OK
-
-
-def main() -> None:
-    """``python -m lmms_emi.harness.launch <args>`` (same as ``lmms-emi eval <args>``)."""
-    raise SystemExit(run_eval(sys.argv[1:]))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
-"""EMI options of a run, handed from the ``lmms-emi eval`` launcher to the task functions.
+"""EMI options of a run, handed from the ``lmms-emi eval`` launcher to the run session of every process.
 
-The launcher parses its own flags and exports them as JSON in ``$LMMS_EMI_OPTIONS``; every process of
-the run (also ``torchrun`` / ``accelerate launch`` workers, which inherit the environment) reads them
-back with :func:`EMIOptions.from_env`. Plain ``lmms-eval --include_path ...`` runs get the defaults.
+The launcher exports them as JSON in ``$LMMS_EMI_OPTIONS``; every process of the run (also ``torchrun`` /
+``accelerate launch`` workers, which inherit the environment) reads them back with
+:func:`EMIOptions.from_env`. Plain ``lmms-eval --include_path ...`` runs get the defaults.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from lmms_emi.pipeline.estimator import EstimatorPolicy
+from lmms_emi.pipeline.shift import AnalysisSettings
 
 ENV_VAR = "LMMS_EMI_OPTIONS"
 
@@ -33,6 +36,7 @@ class EMIOptions:
     cache_dir: str | None = None  # embedding cache; "off" disables it
     train_steps: int | None = None  # CLUB training steps when one has to be trained (None: library default)
     report_dir: str | None = None  # where the report goes (the launcher sets it next to the results)
+    progress: bool = True  # progress bars for long steps (the estimator fit)
 
     def to_env(self, environ: dict[str, str] | None = None) -> None:
         """Export to ``environ`` (default ``os.environ``)."""
@@ -47,6 +51,15 @@ class EMIOptions:
         data: dict[str, Any] = json.loads(raw)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def policy(self) -> EstimatorPolicy:
+        """The run's estimator policy."""
+        steps = {} if self.train_steps is None else {"steps": self.train_steps}
+        return EstimatorPolicy(self.estimator, seed=self.seed, progress=self.progress, **steps)
+
+    def settings(self) -> AnalysisSettings:
+        """The run's analysis settings (validated)."""
+        return AnalysisSettings(self.entropy_scale, self.bootstrap, self.confidence, self.seed)
 
     def embedder_kwargs(self) -> dict[str, Any]:
         """Keyword overrides for ``Embedder.from_profile(self.profile, **kwargs)``."""

@@ -10,6 +10,7 @@ column, else by row order. A missing file or response is an error naming the tas
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,10 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from lmms_emi import scenarios as sc
+from lmms_emi.errors import ReplayError
+from lmms_emi.sources.responses import responses_for_rows
 
-
-class ReplayError(RuntimeError):
-    """No saved response for a request."""
+__all__ = ["ReplayError", "ReplayModel"]
 
 
 class ReplayModel(lmms):
@@ -57,8 +58,6 @@ class ReplayModel(lmms):
     @staticmethod
     def _default_device() -> str:
         """Device of lmms-eval's rank bookkeeping tensors: this rank's GPU (NCCL needs CUDA), else CPU."""
-        import os
-
         import torch
 
         if torch.cuda.is_available():
@@ -68,12 +67,10 @@ class ReplayModel(lmms):
     def _guess_model_name(self) -> str:
         """The model of the response files when the folder holds exactly one."""
         names = set()
-        prefixes = sorted({s.split for b in sc.TASK_PREFIX for s in sc.scenarios(b)}, key=len, reverse=True)
         for path in self.responses_dir.glob("*.jsonl"):
-            stem = path.stem
-            split = next((p for p in prefixes if stem.startswith(p + "_")), None)
-            if split is not None:
-                names.add(stem[len(split) + 1 :])
+            split = sc.split_prefix(path.stem)
+            if split is not None and path.stem != split:
+                names.add(path.stem[len(split) + 1 :])
         if len(names) != 1:
             found = ", ".join(sorted(names)) or "none"
             raise ReplayError(
@@ -86,8 +83,6 @@ class ReplayModel(lmms):
         """Responses aligned to the rows of ``task``'s split (loaded once per task)."""
         key = (task, split)
         if key not in self._answers:
-            from lmms_emi.responses import responses_for_rows
-
             scenario = sc.scenario_for_task(task)
             file_split = scenario.split if scenario is not None else task
             dataset = self.task_dict[task][split]

@@ -1,35 +1,32 @@
-"""Write the final EMI numbers into lmms-eval's results JSON (atomic rewrite).
+"""Write the final EMI numbers into lmms-eval's results JSON (atomic rewrite), driven by the metric table.
 
-Per task (``results[<task>]``): ``emi``, ``emi_ci_low`` / ``emi_ci_high``, ``emid`` (+ CI), ``emid_bound``,
-``emid_bound_partial`` (``<metric>,none`` keys, as lmms-eval writes them) beside lmms-eval's ``samples``.
-Per group (``results[<group>]`` and ``groups[<group>]``): the means over its OOD tasks, the Pearson r (and p)
-between EMID and the bound and the partial bound over them, the ID task, and ``emid_by_task``.
-Top level: ``lmms_emi`` with the estimator, settings, report files and each benchmark's full analysis.
+Per task (``results[<task>]``): every metric of :data:`lmms_emi.metrics.METRICS` as ``<metric>,none``
+beside lmms-eval's ``samples``. Per group (``results[<group>]`` and ``groups[<group>]``): each metric's
+group aggregation over its scope (EMI over all the group's tasks, EMID and the bounds over its OOD tasks),
+the Pearson r (and p) between EMID and the bound and the partial bound over the OOD tasks, the ID task, and
+``emid_by_task``. Top level: ``lmms_emi`` with the estimator, settings, report files and each analysis.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lmms_emi._io import atomic_write_text
-from lmms_emi.harness.runtime import RunAnalysis, task_metrics
+from lmms_emi.metrics import FILTER, METRICS, TASK_METRICS, group_aggregate, task_values
+from lmms_emi.pipeline.run import RunAnalysis
+from lmms_emi.pipeline.shift import TaskResult, correlate
 
-FILTER = "none"
+__all__ = ["group_entry", "rewrite_results_file", "task_entry", "update_results"]
 
 
 def _finite(value: Any) -> float | None:
     if isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
     return None
-
-
-def _mean(values: Iterable[Any]) -> float | None:
-    vals = [v for v in (_finite(x) for x in values) if v is not None]
-    return sum(vals) / len(vals) if vals else None
 
 
 def _leaves(group: str, group_subtasks: Mapping[str, list[str]]) -> list[str]:
@@ -42,37 +39,28 @@ def _leaves(group: str, group_subtasks: Mapping[str, list[str]]) -> list[str]:
     return out
 
 
-def task_entry(task_result: Any, entropy_scale: float | None) -> dict[str, Any]:
+def task_entry(task_result: TaskResult, entropy_scale: float | None) -> dict[str, Any]:
     """``<metric>,none`` values of one task."""
-    values = task_metrics(task_result, entropy_scale=entropy_scale)
-    ci = task_result.emid_ci or (None, None)
-    values.update(emid_ci_low=ci[0], emid_ci_high=ci[1])
-    out = {f"{k},{FILTER}": _finite(v) for k, v in values.items()}
+    values = task_values(task_result, entropy_scale=entropy_scale, metrics=METRICS)
+    out = {m.key: _finite(values[m.name]) for m in METRICS}
     out[f"emi_n,{FILTER}"] = int(task_result.n)
     return out
 
 
 def group_entry(run: RunAnalysis, leaves: list[str], entropy_scale: float | None) -> dict[str, Any] | None:
-    """EMID / bound summary of a group over its OOD tasks (None when the group has no analysed task)."""
-    from lmms_emi.analysis import correlate
-
+    """The group's metric values and its EMID / bound summary (None when the group has no analysed task)."""
     analysis = next((run.analysis_for(t) for t in leaves if run.analysis_for(t) is not None), None)
-    if analysis is None or analysis.id_task not in [t.task for t in analysis.tasks]:
+    if analysis is None:
         return None
     members = [t for t in analysis.tasks if t.task in leaves]
-    ood = [t for t in members if not t.is_id and t.emid is not None]
     if not members:
         return None
+    ood = [t for t in members if not t.is_id and t.emid is not None]
+    entry: dict[str, Any] = {}
+    for m in TASK_METRICS:
+        rows = ood if m.scope == "ood" else members
+        entry[m.key] = group_aggregate(m.group, [m.value(t, entropy_scale=entropy_scale) for t in rows])
     bound_name = "bound_theorem" if entropy_scale is not None else "bound"
-    entry: dict[str, Any] = {
-        f"emi,{FILTER}": _mean(t.emi for t in members),
-        f"emi_n,{FILTER}": sum(int(t.n) for t in members),
-        f"emid,{FILTER}": _mean(t.emid for t in ood),
-        f"emid_bound,{FILTER}": _mean(getattr(t, bound_name) for t in ood),
-        f"emid_bound_partial,{FILTER}": _mean(t.partial_bound for t in ood),
-        f"emi_ci_low,{FILTER}": None,
-        f"emi_ci_high,{FILTER}": None,
-    }
     for key, name in (("emid_pearson", bound_name), ("emid_pearson_partial", "partial_bound")):
         rows = [t for t in ood if _finite(getattr(t, name)) is not None]
         corr = correlate([t.emid for t in rows], [getattr(t, name) for t in rows], [t.task for t in rows])
@@ -95,11 +83,11 @@ def group_entry(run: RunAnalysis, leaves: list[str], entropy_scale: float | None
 
 
 def update_results(
-    results: dict[str, Any], run: RunAnalysis, *, entropy_scale: float | None, extra: Mapping[str, Any]
+    results: dict[str, Any], run: RunAnalysis, *, extra: Mapping[str, Any], reports: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The results dict with the final EMI numbers merged in (see the module docstring)."""
-    per_task = results.get("results", {})
-    for task, entry in per_task.items():
+    entropy_scale = run.settings.entropy_scale
+    for task, entry in results.get("results", {}).items():
         try:
             task_result = run.task_result(task)
         except KeyError:
@@ -117,8 +105,8 @@ def update_results(
                 results[section][group].update(entry)
     results["lmms_emi"] = {
         **dict(extra),
-        "estimator": None if run.estimator is None else run.estimator.to_dict(),
-        "reports": {k: {kind: str(p) for kind, p in v.items()} for k, v in run.reports.items()},
+        "estimator": run.estimator.to_dict(),
+        "reports": {k: {kind: str(p) for kind, p in v.items()} for k, v in reports.items()},
         "warnings": list(run.warnings),
         "benchmarks": {b: a.to_dict() for b, a in run.benchmarks.items()},
         "tasks": {t: a.to_dict() for t, a in run.singles.items()},
@@ -127,11 +115,10 @@ def update_results(
 
 
 def rewrite_results_file(
-    path: Path, run: RunAnalysis, *, entropy_scale: float | None, extra: Mapping[str, Any]
+    path: Path, run: RunAnalysis, *, extra: Mapping[str, Any], reports: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Read lmms-eval's results JSON, merge the EMI numbers, write it back atomically; return the new dict."""
     results = json.loads(path.read_text(encoding="utf-8"))
-    results = update_results(results, run, entropy_scale=entropy_scale, extra=extra)
-    text = json.dumps(results, indent=2, ensure_ascii=False, default=str)
-    atomic_write_text(path, text)
+    results = update_results(results, run, extra=extra, reports=reports)
+    atomic_write_text(path, json.dumps(results, indent=2, ensure_ascii=False, default=str))
     return results

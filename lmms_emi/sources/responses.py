@@ -16,11 +16,13 @@ response raises :class:`ResponseFileError` naming the file (and the line where t
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lmms_emi import scenarios as sc
+from lmms_emi.errors import ResponseFileError
 
 __all__ = [
     "WILD_INDEX_FILE",
@@ -39,11 +41,6 @@ __all__ = [
 
 WILD_INDEX_FILE = "lbwild_split_idx.json"
 WILD_INDEX_KEYS = {"easy": "easy_ood_fst_cd_new", "hard": "hard_ood_fst_cd_new"}
-_WILD_SPLIT = re.compile(r"^llava_bench_in_the_wild_(easy|normal|hard)_(\w+)$")
-
-
-class ResponseFileError(ValueError):
-    """A response file is missing, malformed, or does not match the dataset rows."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +136,10 @@ def find_response_source(responses_dir: str | Path, split: str, model: str) -> R
     direct = response_path(responses_dir, split, model)
     if direct.is_file():
         return ResponseSource(split, model, direct)
-    match = _WILD_SPLIT.match(split)
-    if match:
-        level, lang = match.groups()
-        combined = response_path(responses_dir, f"llava_bench_in_the_wild_{lang}", model)
+    scenario = sc.parse_split(split)
+    if scenario is not None and scenario.wild_level is not None:
+        level = scenario.wild_level
+        combined = response_path(responses_dir, f"{sc.WILD}_{scenario.language}", model)
         if combined.is_file():
             if level == "normal":
                 return ResponseSource(split, model, combined)
@@ -230,30 +227,16 @@ def responses_for_rows(
     return align_responses(records, question_ids=question_ids, n_rows=n_rows, what=what)
 
 
-def _known_prefixes() -> list[str]:
-    """Every scenario split name plus the combined in-the-wild file names, longest first."""
-    from lmms_emi import scenarios as sc
-
-    names = {s.split for b in sc.TASK_PREFIX for s in sc.scenarios(b)}
-    names |= {f"llava_bench_in_the_wild_{lang}" for lang in sc.NATURAL_LANGUAGES}
-    return sorted(names, key=len, reverse=True)
-
-
 def list_models(responses_dir: str | Path, splits: Sequence[str]) -> list[str]:
     """Model names with responses for *every* one of ``splits`` in ``responses_dir``.
 
     A file's split is the longest known scenario name its stem starts with, so
     ``llava_bench_coco_frost_5_m.jsonl`` belongs to model ``m``, not ``frost_5_m``.
     """
-    prefixes = _known_prefixes()
-    for split in splits:  # unknown split names (custom datasets) are matched too
-        if split not in prefixes:
-            prefixes.append(split)
-    prefixes.sort(key=len, reverse=True)
     candidates: set[str] = set()
     for path in Path(responses_dir).glob("*.jsonl"):
-        prefix = next((p for p in prefixes if path.stem.startswith(p + "_")), None)
-        if prefix is not None:
+        prefix = sc.split_prefix(path.stem, extra=splits)  # unknown split names (custom datasets) too
+        if prefix is not None and path.stem != prefix:
             candidates.add(path.stem[len(prefix) + 1 :])
     found = []
     for model in sorted(candidates):

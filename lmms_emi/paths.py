@@ -1,12 +1,10 @@
-"""Where the plugin's data folders live: in the wheel (``lmms_emi/tasks``) or a checkout (``./tasks``)."""
+"""Where the plugin's data folders live: in the wheel (``lmms_emi/<name>``) or a checkout (``./<name>``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import lmms_emi
-
-_PACKAGE_DIR = Path(lmms_emi.__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def _locate(name: str) -> Path:
@@ -25,9 +23,8 @@ def tasks_dir() -> Path:
     return _locate("tasks")
 
 
-def estimator_ckpt_dir() -> Path | None:
-    """The folder of the default estimator checkpoints shipped with the plugin, or None when absent."""
-    try:
-        return _locate("estimator_ckpt")
-    except FileNotFoundError:
-        return None
+def estimator_ckpt_dirs() -> list[Path]:
+    """Folders of the estimator checkpoints shipped with the plugin (wheel and checkout), those that exist."""
+    return [
+        d for d in (_PACKAGE_DIR / "estimator_ckpt", _PACKAGE_DIR.parent / "estimator_ckpt") if d.is_dir()
+    ]

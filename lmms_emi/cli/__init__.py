@@ -1,0 +1,73 @@
+"""The ``lmms-emi`` console script: one module per subcommand, one parser each.
+
+Subcommands::
+
+    lmms-emi eval ...                 lmms-eval with the plugin's tasks and EMI options
+    lmms-emi analyze RUN_DIR          post-hoc report from an lmms-eval --log_samples output folder
+    lmms-emi score ...                EMI / EMID / bound from saved response files against a dataset
+    lmms-emi train-estimator ...      fit and freeze one CLUB estimator (leaderboards) from saved embeddings
+    lmms-emi demo-data DIR            build the offline demo dataset and a demo model's responses
+
+Errors a user can fix (:class:`lmms_emi.errors.LmmsEmiError` and bad values) print one line on stderr and
+exit with the error's code (2 for usage errors, 1 for a failed run); ``--debug`` (or ``LMMS_EMI_DEBUG=1``)
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from lmms_emi.cli import analyze, demo_data, score, train_estimator
+from lmms_emi.cli import eval as eval_command
+from lmms_emi.errors import EXIT_INTERRUPTED, EXIT_USAGE, LmmsEmiError, one_line
+
+__all__ = ["build_parser", "main"]
+
+_SUBCOMMANDS = (analyze, score, train_estimator, demo_data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmms-emi",
+        description="Effective mutual information (EMI) of multimodal LLMs under distribution shift.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(eval_command.NAME, help=eval_command.HELP, add_help=False)
+    for module in _SUBCOMMANDS:
+        module.add_parser(sub).set_defaults(run=module.run)
+    return parser
+
+
+def _report(command: str, exc: BaseException, debug: bool) -> int:
+    if debug:
+        raise exc
+    print(f"lmms-emi {command}: error: {one_line(exc)}", file=sys.stderr)
+    return exc.exit_code if isinstance(exc, LmmsEmiError) else EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lmms-emi``; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("LMMS_EMI_DEBUG", "") not in ("", "0") or "--debug" in args
+    if args and args[0] == eval_command.NAME:
+        command, run = eval_command.NAME, lambda: eval_command.run(args[1:])
+    else:
+        parser = build_parser()
+        ns = parser.parse_args(args)
+        if ns.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        command, run = ns.command, lambda: ns.run(ns)
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("lmms-emi: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:  # lmms-eval's --tasks list and friends end with sys.exit()
+        return exc.code if isinstance(exc.code, int) else 0
+    except (LmmsEmiError, ValueError, FileNotFoundError) as exc:
+        return _report(command, exc, debug)

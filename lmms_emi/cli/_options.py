@@ -1,0 +1,190 @@
+"""The options every subcommand shares, spelled the same way in each (``eval`` mixes them with lmms-eval's
+own flags, hence the ``--emi-`` prefix where lmms-eval has a flag of that name). Each flag also accepts its
+underscore spelling (lmms-eval's style); earlier spellings stay as hidden aliases for one release."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from lmms_emi.embed import Embedder, profile_spec
+from lmms_emi.errors import EncoderLoadError
+from lmms_emi.pipeline.estimator import EstimatorPolicy
+from lmms_emi.pipeline.shift import AnalysisSettings
+from lmms_emi.sources.datasets import quiet_hub
+
+__all__ = [
+    "HelpFormatter",
+    "add_analysis_options",
+    "add_encoder_options",
+    "add_estimator_options",
+    "add_option",
+    "add_output_options",
+    "build_embedder",
+    "cache_setting",
+    "policy_from",
+    "settings_from",
+]
+
+
+_ALIASES: set[str] = set()  # option strings accepted but not shown in help
+
+
+def add_option(group: Any, name: str, *, old: Sequence[str] = (), **kwargs: Any) -> None:
+    """``--name`` plus hidden aliases: its underscore spelling and the ``old`` spellings (left out of the
+    help by :class:`HelpFormatter`)."""
+    aliases = [a for a in dict.fromkeys(("--" + name[2:].replace("-", "_"), *old)) if a != name]
+    _ALIASES.update(aliases)
+    group.add_argument(name, *aliases, **kwargs)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that leaves out the hidden aliases of :func:`add_option` (still accepted)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        shown = [o for o in action.option_strings if o not in _ALIASES]
+        if not shown or shown == action.option_strings:
+            return super()._format_action_invocation(action)
+        if action.nargs == 0:
+            return ", ".join(shown)
+        args = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return ", ".join(f"{o} {args}" for o in shown)
+
+
+def add_encoder_options(p: argparse.ArgumentParser, *, legacy: bool = True) -> None:
+    """``--encoders``, ``--vision-encoder``, ``--text-encoder``, ``--text-layer``, ``--emi-device``,
+    ``--emi-batch-size``, ``--emi-cache``. ``legacy``: also accept score's old short names (not in
+    ``eval``, where lmms-eval owns ``--device`` and ``--batch_size``)."""
+    g = p.add_argument_group("encoders")
+    g.add_argument(
+        "--encoders", default="paper", choices=["paper", "offline"], help="encoder profile (default paper)"
+    )
+    add_option(
+        g,
+        "--vision-encoder",
+        old=("--vision",) if legacy else (),
+        help="vision encoder override: registry name, hub id or local folder",
+    )
+    add_option(g, "--text-encoder", old=("--text",) if legacy else (), help="text encoder override")
+    add_option(g, "--text-layer", type=int, help="hidden layer of the text encoder")
+    add_option(
+        g,
+        "--emi-device",
+        old=("--device",) if legacy else (),
+        help="device for encoders and estimator (default: cuda if available)",
+    )
+    add_option(
+        g,
+        "--emi-batch-size",
+        old=("--batch-size",) if legacy else (),
+        type=int,
+        default=32,
+        help="embedding batch size",
+    )
+    add_option(
+        g, "--emi-cache", old=("--cache-dir",) if legacy else (), help="embedding cache folder, or 'off'"
+    )
+
+
+def add_estimator_options(p: argparse.ArgumentParser, *, legacy: bool = True, estimator: bool = True) -> None:
+    """``--estimator``, ``--estimator-steps`` and ``--emi-seed``."""
+    g = p.add_argument_group("estimator")
+    if estimator:
+        g.add_argument(
+            "--estimator",
+            help="CLUB checkpoint (project format or the paper's CLUB_global.pt); 'fit' to fit one on this "
+            "run. Default: a shipped checkpoint matching the encoders, else fit one on this run",
+        )
+    add_option(
+        g,
+        "--estimator-steps",
+        old=("--steps",) if legacy else (),
+        type=int,
+        default=5000,
+        help="CLUB training steps when one is fitted",
+    )
+    add_option(
+        g,
+        "--emi-seed",
+        old=("--seed",) if legacy else (),
+        type=int,
+        default=0,
+        help="seed of the estimator fit and the bootstrap",
+    )
+
+
+def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    """``--bootstrap``, ``--confidence``, ``--entropy-scale``."""
+    g = p.add_argument_group("analysis")
+    g.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)"
+    )
+    g.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
+    add_option(g, "--entropy-scale", type=float, help="Ĥ of Theorem 4.5 (default: the scale-adjusted bound)")
+
+
+def add_output_options(p: argparse.ArgumentParser, *, required: bool, help: str) -> None:
+    """``--output-path`` (old spelling ``--output``), ``-q/--quiet`` and ``--debug``."""
+    add_option(p, "--output-path", old=("--output",), required=required, help=help)
+    add_common_flags(p)
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def cache_setting(value: str | None) -> str | bool | None:
+    """``--emi-cache`` as the Embedder takes it: a folder, False for 'off', None for the default."""
+    if value is None:
+        return None
+    return False if value.lower() in ("off", "none", "false") else value
+
+
+def embedder_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    """Keyword overrides of ``Embedder.from_profile`` from the encoder options."""
+    overrides: dict[str, Any] = {"progress": not ns.quiet, "batch_size": ns.emi_batch_size}
+    for option, key in (
+        ("vision_encoder", "vision"),
+        ("text_encoder", "text"),
+        ("text_layer", "text_layer"),
+        ("emi_device", "device"),
+    ):
+        value = getattr(ns, option, None)
+        if value is not None:
+            overrides[key] = value
+    cache = cache_setting(ns.emi_cache)
+    if cache is not None:
+        overrides["cache_dir"] = cache
+    return overrides
+
+
+def build_embedder(ns: argparse.Namespace) -> Embedder:
+    """The Embedder of ``--encoders`` with overrides; load failures become one line naming the ways out."""
+    try:
+        with quiet_hub():
+            return Embedder.from_profile(ns.encoders, **embedder_overrides(ns))
+    except EncoderLoadError as exc:
+        first = str(exc).splitlines()[0]
+        head = re.match(r"(could not load .*?'[^']*')", first)  # drop the library's long explanation
+        raise EncoderLoadError(
+            f"{head.group(1) if head else first} — the '{ns.encoders}' encoders need the Hugging Face hub or "
+            "local copies (--vision-encoder / --text-encoder DIR), or use --encoders offline"
+        ) from None
+
+
+def expected_spec(ns: argparse.Namespace) -> dict[str, Any] | None:
+    """The encoder spec of a plain profile, known without loading any model (None with overrides)."""
+    if any(getattr(ns, n, None) is not None for n in ("vision_encoder", "text_encoder", "text_layer")):
+        return None
+    return profile_spec(ns.encoders)
+
+
+def policy_from(ns: argparse.Namespace) -> EstimatorPolicy:
+    return EstimatorPolicy(ns.estimator, steps=ns.estimator_steps, seed=ns.emi_seed, progress=not ns.quiet)
+
+
+def settings_from(ns: argparse.Namespace) -> AnalysisSettings:
+    return AnalysisSettings(ns.entropy_scale, ns.bootstrap, ns.confidence, ns.emi_seed)

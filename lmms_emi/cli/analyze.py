@@ -1,0 +1,59 @@
+"""``lmms-emi analyze``: the report of a finished lmms-eval run, from its ``--log_samples`` output."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmms_emi.cli._options import (
+    HelpFormatter,
+    add_analysis_options,
+    add_encoder_options,
+    add_estimator_options,
+    add_output_options,
+    build_embedder,
+    expected_spec,
+    policy_from,
+    settings_from,
+)
+from lmms_emi.cli._report import check_sizes, finish
+from lmms_emi.metrics import RECORD_METRIC
+from lmms_emi.sources.run_folder import read_run
+
+NAME = "analyze"
+HELP = "report from an lmms-eval output folder written with --log_samples"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        NAME,
+        formatter_class=HelpFormatter,
+        help=HELP,
+        description="Post-hoc report of an lmms-eval run: the per-sample records stored under the metric key "
+        "of *_samples_<task>.jsonl plus the images read back from each task's dataset (as configured in the "
+        "results JSON, or --dataset).",
+    )
+    p.add_argument("run_dir", help="lmms-eval --output_path folder (holding *_samples_<task>.jsonl)")
+    p.add_argument("--metric", default=RECORD_METRIC, help="metric key holding the per-sample records")
+    p.add_argument("--model", help="model name for the report")
+    p.add_argument("--dataset", help="local copy of the data the run used (default: the run's task configs)")
+    add_encoder_options(p)
+    add_estimator_options(p)
+    add_analysis_options(p)
+    add_output_options(p, required=False, help="report folder (default: RUN_DIR/emi_report)")
+    return p
+
+
+def run(ns: argparse.Namespace) -> int:
+    records = read_run(ns.run_dir, metric=ns.metric)
+    check_sizes({task: len(rows) for task, rows in records.records.items()})
+    policy, settings = policy_from(ns), settings_from(ns)
+    policy.check(expected_spec(ns))
+    samples = records.samples(dataset=ns.dataset, progress=not ns.quiet)
+    metadata = {
+        "model": ns.model or records.model,
+        "run_dir": str(ns.run_dir),
+        "results_file": records.results_file,
+    }
+    out = Path(ns.output_path) if ns.output_path else Path(ns.run_dir) / "emi_report"
+    return finish(ns, samples, build_embedder(ns), policy, settings, metadata, out)

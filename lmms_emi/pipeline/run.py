@@ -1,0 +1,159 @@
+"""The run pipeline: records -> embeddings -> estimator -> shift analysis, for every entry point.
+
+``lmms-emi score``, ``lmms-emi analyze``, ``lmms-emi eval`` and plain lmms-eval runs only gather a run's
+:class:`~lmms_emi.pipeline.records.Sample` records and call :func:`analyze_run`; the report writer then turns
+the :class:`RunAnalysis` into files. The rules that decide a run's shape live here, once:
+
+* tasks are grouped by benchmark; a benchmark whose ID task is in the run gets one shift analysis (tasks in
+  :func:`lmms_emi.scenarios.run_order`: ID, visual, text, joint); without its ID task its tasks are
+  analysed one by one (EMI
+  only) and a warning says so; tasks of no benchmark are analysed one by one;
+* the estimator is fitted (when the policy says so) on the pooled pairs of all tasks in that same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmms_emi import scenarios as sc
+from lmms_emi.emi import TaskEmbeddings
+from lmms_emi.estimators.club import CLUB
+from lmms_emi.pipeline.estimator import EstimatorInfo, EstimatorPolicy, resolve_estimator
+from lmms_emi.pipeline.records import Sample, embed_tasks
+from lmms_emi.pipeline.shift import AnalysisSettings, ShiftAnalysis, TaskResult, analyze_shift
+
+__all__ = ["MIN_SAMPLES", "RunAnalysis", "RunPlan", "analyze_run", "check_sizes", "plan_run"]
+
+MIN_SAMPLES = 2  # EMI, its interval and the bounds need at least two samples per task
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How a run's tasks are analysed: ``groups`` maps a benchmark to (ID task, its tasks in order, ID
+    first); ``singles`` are analysed alone; ``order`` is every task in pipeline order."""
+
+    groups: dict[str, tuple[str, tuple[str, ...]]]
+    singles: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def order(self) -> list[str]:
+        return [t for _id, tasks in self.groups.values() for t in tasks] + list(self.singles)
+
+
+def plan_run(tasks: Sequence[str]) -> RunPlan:
+    """Group ``tasks`` by benchmark with the ID rule of the module docstring."""
+    by_benchmark: dict[str, list[sc.Scenario]] = {}
+    singles: list[str] = []
+    for task in tasks:
+        scenario = sc.scenario_for_task(task)
+        if scenario is None:
+            singles.append(task)
+        else:
+            by_benchmark.setdefault(scenario.benchmark, []).append(scenario)
+    groups: dict[str, tuple[str, tuple[str, ...]]] = {}
+    warnings: list[str] = []
+    for benchmark, members in by_benchmark.items():
+        id_task = sc.id_scenario(benchmark).task
+        ordered = tuple(s.task for s in sorted(set(members), key=sc.run_order))
+        if id_task not in ordered:
+            warnings.append(
+                f"{benchmark}: the ID task {id_task} is not in this run, so no EMID / bounds for "
+                f"{len(ordered)} task(s)"
+            )
+            singles = [*ordered, *singles]
+            continue
+        groups[benchmark] = (id_task, ordered)
+    return RunPlan(groups, tuple(dict.fromkeys(singles)), tuple(warnings))
+
+
+@dataclass
+class RunAnalysis:
+    """Everything a run computes: one :class:`ShiftAnalysis` per benchmark that has its ID task
+    (``benchmarks``), one single-task analysis per other task (``singles``), the estimator and where it
+    came from, the embeddings, the encoder spec, and warnings for the user."""
+
+    benchmarks: dict[str, ShiftAnalysis]
+    singles: dict[str, ShiftAnalysis]
+    estimator: EstimatorInfo
+    club: CLUB
+    embeddings: dict[str, TaskEmbeddings]
+    encoder_spec: dict[str, Any]
+    settings: AnalysisSettings
+    metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def analyses(self) -> dict[str, ShiftAnalysis]:
+        """Report name (``emi_report_<benchmark or task>``) -> analysis."""
+        return {f"emi_report_{key}": a for key, a in {**self.benchmarks, **self.singles}.items()}
+
+    def analysis_for(self, task: str) -> ShiftAnalysis | None:
+        for analysis in (*self.benchmarks.values(), *self.singles.values()):
+            if any(t.task == task for t in analysis.tasks):
+                return analysis
+        return None
+
+    def task_result(self, task: str) -> TaskResult:
+        """The ``TaskResult`` of ``task`` (KeyError when the run did not analyse it)."""
+        analysis = self.analysis_for(task)
+        if analysis is None:
+            raise KeyError(task)
+        return analysis.task(task)
+
+
+def check_sizes(sizes: Mapping[str, int]) -> None:
+    for task, n in sizes.items():
+        if n < MIN_SAMPLES:
+            raise ValueError(f"task {task!r} has {n} sample(s); EMI and the bounds need at least 2")
+
+
+def analyze_run(
+    samples: Mapping[str, Sequence[Sample]],
+    *,
+    embedder: Any,
+    policy: EstimatorPolicy,
+    settings: AnalysisSettings,
+    metadata: Mapping[str, Any] | None = None,
+    embeddings: Mapping[str, TaskEmbeddings] | None = None,
+    estimator: tuple[CLUB, EstimatorInfo] | None = None,
+) -> RunAnalysis:
+    """The one pipeline: embed every task's samples, resolve the estimator (``estimator`` when the caller
+    already has it, else from ``policy``), and analyse each benchmark against its ID task and every other
+    task alone (see the module docstring).
+
+    The run's tasks are those of ``samples`` and then those of ``embeddings`` (tasks embedded earlier, whose
+    samples need not be given again). Raises ValueError naming the task for a task with fewer than 2
+    samples or unusable samples.
+    """
+    known = dict(embeddings or {})
+    sizes = {t: len(rows) for t, rows in samples.items()} | {
+        t: e.n for t, e in known.items() if t not in samples
+    }
+    if not sizes:
+        raise ValueError("no EMI samples were recorded: no task of this run has the EMI metric")
+    check_sizes(sizes)
+    plan = plan_run(list(sizes))
+    todo = {t: samples[t] for t in plan.order if t not in known}
+    if todo:
+        known.update(embed_tasks(embedder, todo))
+    ordered = {t: known[t] for t in plan.order}
+    spec = dict(embedder.encoder_spec())
+    club, info = estimator if estimator is not None else resolve_estimator(policy, spec, ordered)
+    meta = dict(metadata or {})
+    kwargs = settings.to_dict()
+    benchmarks: dict[str, ShiftAnalysis] = {}
+    for benchmark, (id_task, tasks) in plan.groups.items():
+        result = analyze_shift({t: ordered[t] for t in tasks}, id_task, club, **_shift_kwargs(kwargs))
+        benchmarks[benchmark] = result.with_context(estimator=info, metadata={**meta, "benchmark": benchmark})
+    singles: dict[str, ShiftAnalysis] = {}
+    for task in plan.singles:
+        result = analyze_shift({task: ordered[task]}, task, club, **_shift_kwargs(kwargs))
+        singles[task] = result.with_context(estimator=info, metadata={**meta, "task": task})
+    return RunAnalysis(benchmarks, singles, info, club, ordered, spec, settings, meta, list(plan.warnings))
+
+
+def _shift_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: settings[k] for k in ("entropy_scale", "n_resamples", "confidence_level", "seed")}

@@ -1,0 +1,341 @@
+"""Shift analysis: EMI per task, EMID and bounds against the in-distribution task, and their correlations.
+
+For the in-distribution (ID) task P and each out-of-distribution (OOD) task Q:
+
+    EMI(T)      = Î(z_x; z_ŷ) − Î(z_x; z_y)          on task T (CLUB estimate, nats)
+    EMID(P, Q)  = EMI(P) − EMI(Q)
+    bound       = √D_v + √D_t + D_P^¼ + D_Q^¼        (scale-adjusted; D = RJSD)
+    theorem     = Ĥ(√D_v + √D_t) + 8(D_P + D_Q)^¼     (Theorem 4.5, when an entropy scale Ĥ is given)
+    partial     = √D_v + √D_t                         (needs no references)
+
+and over the OOD tasks the Pearson r (the paper's headline check), Spearman ρ and Kendall τ between EMID and
+its bound. The math lives in :mod:`lmms_emi.emi`; this module decides what to compute for which task.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from lmms_emi import emi as emi_lib
+from lmms_emi import scenarios as sc
+from lmms_emi.emi import TaskEmbeddings
+from lmms_emi.errors import UsageError
+from lmms_emi.estimators.club import CLUB
+from lmms_emi.pipeline.estimator import EstimatorInfo
+
+__all__ = [
+    "AnalysisSettings",
+    "Correlation",
+    "ShiftAnalysis",
+    "TaskResult",
+    "analyze_shift",
+    "correlate",
+    "json_ready",
+    "shift_kind",
+    "task_seed",
+]
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """How the numbers of a run are computed: the bound's entropy scale Ĥ (None: scale-adjusted form),
+    bootstrap resamples (0: no intervals), the intervals' confidence level and the seed."""
+
+    entropy_scale: float | None = None
+    n_resamples: int = 1000
+    confidence_level: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.entropy_scale is not None and not (
+            math.isfinite(self.entropy_scale) and self.entropy_scale >= 0
+        ):
+            raise UsageError(f"the entropy scale must be a finite number >= 0, got {self.entropy_scale}")
+        if self.n_resamples < 0:
+            raise UsageError(f"the number of bootstrap resamples must be >= 0, got {self.n_resamples}")
+        if not 0 < self.confidence_level < 1:
+            raise UsageError(f"the confidence level must be in (0, 1), got {self.confidence_level}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------
+def shift_kind(task: str, id_task: str) -> str:
+    """ "id" for the ID task, else the scenario's shift kind ("visual", "text", "joint"), else "ood"."""
+    if task == id_task:
+        return "id"
+    scenario = sc.scenario_for_task(task)
+    if scenario is None:
+        scenario = sc.parse_split(task)
+    if scenario is None or scenario.is_id:
+        return "ood"
+    return scenario.shift_kind
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """Correlation between EMID and a bound over the OOD tasks (p-values two-sided)."""
+
+    n_tasks: int
+    pearson_r: float
+    pearson_p: float
+    spearman_rho: float
+    spearman_p: float
+    kendall_tau: float
+    kendall_p: float
+    tasks: tuple[str, ...] = ()
+
+
+def correlate(x: Sequence[float], y: Sequence[float], tasks: Sequence[str] = ()) -> Correlation | None:
+    """Pearson, Spearman and Kendall correlations via scipy.stats; None with fewer than 3 points.
+
+    A constant series gives NaN coefficients (correlation undefined), reported as None in ``to_dict``.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} values but y has {len(y)}")
+    if len(x) < 3:
+        return None
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConstantInputWarning: reported as NaN
+        pr = stats.pearsonr(xa, ya)
+        sr = stats.spearmanr(xa, ya)
+        kt = stats.kendalltau(xa, ya)
+    return Correlation(
+        n_tasks=len(xa),
+        pearson_r=float(pr.statistic),
+        pearson_p=float(pr.pvalue),
+        spearman_rho=float(sr.statistic),
+        spearman_p=float(sr.pvalue),
+        kendall_tau=float(kt.statistic),
+        kendall_p=float(kt.pvalue),
+        tasks=tuple(tasks),
+    )
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Numbers of one task. EMID, bounds and JSD terms are relative to the ID task (None on the ID row);
+    EMI fields are None when the task has no references or no responses."""
+
+    task: str
+    shift_kind: str
+    n: int
+    emi: float | None = None
+    mi_model: float | None = None
+    mi_ref: float | None = None
+    emi_ci: tuple[float, float] | None = None
+    emid: float | None = None
+    emid_ci: tuple[float, float] | None = None
+    bound: float | None = None
+    bound_theorem: float | None = None
+    partial_bound: float | None = None
+    jsd_visual: float | None = None
+    jsd_text: float | None = None
+    jsd_response_p: float | None = None
+    jsd_response_q: float | None = None
+
+    @property
+    def is_id(self) -> bool:
+        return self.shift_kind == "id"
+
+
+def json_ready(value: Any) -> Any:
+    """JSON-ready copy: non-finite floats become None, tuples lists, numpy scalars Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+@dataclass(frozen=True)
+class ShiftAnalysis:
+    """EMI of every task, EMID and bounds of every OOD task against ``id_task``, and the correlations.
+
+    ``correlations`` maps the bound's name ("bound", "partial_bound", and "bound_theorem" when an entropy
+    scale was given) to its :class:`Correlation` with EMID over the OOD tasks, or None (fewer than 3).
+    """
+
+    id_task: str
+    tasks: tuple[TaskResult, ...]
+    correlations: dict[str, Correlation | None]
+    settings: dict[str, Any] = field(default_factory=dict)
+    estimator: EstimatorInfo | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def correlation(self) -> Correlation | None:
+        """EMID vs the scale-adjusted bound: the paper's headline check."""
+        return self.correlations.get("bound")
+
+    def task(self, name: str) -> TaskResult:
+        for t in self.tasks:
+            if t.task == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def ood_tasks(self) -> list[TaskResult]:
+        return [t for t in self.tasks if not t.is_id]
+
+    def with_context(
+        self, *, estimator: EstimatorInfo | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> ShiftAnalysis:
+        """A copy carrying the estimator info and extra metadata (model name, run dir, ...)."""
+        merged = {**self.metadata, **dict(metadata or {})}
+        return replace(self, estimator=estimator or self.estimator, metadata=merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready and deterministic for a seed (no timestamps)."""
+        return json_ready(
+            {
+                "id_task": self.id_task,
+                "settings": self.settings,
+                "estimator": None if self.estimator is None else self.estimator.to_dict(),
+                "metadata": self.metadata,
+                "tasks": [asdict(t) for t in self.tasks],
+                "correlations": {k: None if v is None else asdict(v) for k, v in self.correlations.items()},
+            }
+        )
+
+
+def task_seed(seed: int, task: str) -> int:
+    """Per-task bootstrap seed: independent of task order and of PYTHONHASHSEED."""
+    return (seed * 1_000_003 + zlib.crc32(task.encode())) % (2**32)
+
+
+def _with_task(task: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        raise ValueError(f"task {task!r}: {exc}") from None
+
+
+def analyze_shift(
+    task_embeddings: Mapping[str, TaskEmbeddings],
+    id_task: str,
+    club: CLUB,
+    *,
+    entropy_scale: float | None = None,
+    n_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+) -> ShiftAnalysis:
+    """EMI per task, EMID / bounds per OOD task against ``id_task``, and their correlations.
+
+    Confidence intervals are percentile bootstraps over samples with the estimator fixed (``n_resamples=0``
+    skips them). Tasks without references (or responses) get EMI None but still the partial bound.
+    Raises ValueError naming the task for a task with fewer than 2 samples or inconsistent embeddings.
+    """
+    if id_task not in task_embeddings:
+        raise ValueError(
+            f"ID task {id_task!r} is not among the tasks: {', '.join(task_embeddings) or 'none'}"
+        )
+    if n_resamples < 0:
+        raise ValueError(f"n_resamples must be >= 0, got {n_resamples}")
+    for task, emb in task_embeddings.items():
+        n = 0 if emb.z_v is None else int(torch.as_tensor(emb.z_v).shape[0])
+        if n < 2:
+            raise ValueError(f"task {task!r} has {n} sample(s); EMI and the bounds need at least 2")
+    emi_results: dict[str, emi_lib.EMIResult | None] = {}
+    emi_cis: dict[str, tuple[float, float] | None] = {}
+    for task, emb in task_embeddings.items():
+        if emb.z_model is None or emb.z_ref is None:
+            emi_results[task], emi_cis[task] = None, None
+            continue
+        emi_results[task] = _with_task(task, emi_lib.effective_mutual_information, club, *emb)
+        if n_resamples:
+            ci = _with_task(
+                task,
+                emi_lib.bootstrap_emi,
+                club,
+                emb,
+                n_resamples=n_resamples,
+                confidence_level=confidence_level,
+                seed=task_seed(seed, task),
+            )
+            emi_cis[task] = (ci.low, ci.high)
+        else:
+            emi_cis[task] = None
+
+    p_emb, p_emi = task_embeddings[id_task], emi_results[id_task]
+    # every RJSD term against the ID task in one pass (the ID task's spectra are computed once)
+    divergences = emi_lib.shift_divergences(
+        p_emb, {task: emb for task, emb in task_embeddings.items() if task != id_task}
+    )
+    results: list[TaskResult] = []
+    for task, emb in task_embeddings.items():
+        emi_res = emi_results[task]
+        base = {
+            "task": task,
+            "shift_kind": shift_kind(task, id_task),
+            "n": emb.n,
+            "emi": None if emi_res is None else emi_res.emi,
+            "mi_model": None if emi_res is None else emi_res.mi_model,
+            "mi_ref": None if emi_res is None else emi_res.mi_ref,
+            "emi_ci": emi_cis[task],
+        }
+        if task == id_task:
+            results.append(TaskResult(**base))
+            continue
+        terms = divergences[task]
+        partial = terms.partial()
+        extra: dict[str, Any] = {
+            "partial_bound": partial.value,
+            "jsd_visual": partial.jsd_visual,
+            "jsd_text": partial.jsd_text,
+        }
+        if p_emi is not None and emi_res is not None:
+            extra["emid"] = emi_lib.emid(p_emi, emi_res)
+            if n_resamples:
+                ci = _with_task(
+                    task,
+                    emi_lib.bootstrap_emid,
+                    club,
+                    p_emb,
+                    emb,
+                    n_resamples=n_resamples,
+                    confidence_level=confidence_level,
+                    seed=task_seed(seed, f"{id_task}->{task}"),
+                )
+                extra["emid_ci"] = (ci.low, ci.high)
+            bound = terms.bound()
+            extra.update(
+                bound=bound.value,
+                jsd_response_p=bound.jsd_response_p,
+                jsd_response_q=bound.jsd_response_q,
+            )
+            if entropy_scale is not None:
+                extra["bound_theorem"] = terms.bound(entropy_scale).value
+        results.append(TaskResult(**base, **extra))
+
+    correlations: dict[str, Correlation | None] = {}
+    names = ["bound", "partial_bound"] + (["bound_theorem"] if entropy_scale is not None else [])
+    for name in names:
+        rows = [t for t in results if not t.is_id and t.emid is not None and getattr(t, name) is not None]
+        correlations[name] = correlate(
+            [t.emid for t in rows], [getattr(t, name) for t in rows], [t.task for t in rows]
+        )
+    settings = {
+        "entropy_scale": entropy_scale,
+        "n_resamples": n_resamples,
+        "confidence_level": confidence_level,
+        "seed": seed,
+    }
+    return ShiftAnalysis(id_task, tuple(results), correlations, settings)

@@ -1,0 +1,186 @@
+"""Datasets of a run: local copies (a ``DatasetDict.save_to_disk`` folder or parquet files named after the
+splits) or the Hugging Face hub; the dataset columns a sample is read from; the image column as stored.
+
+lmms-eval 0.7.3 loads a task's data with ``datasets.load_from_disk(dataset_path)`` when
+``dataset_kwargs.load_from_disk`` is true, else ``datasets.load_dataset(dataset_path, **dataset_kwargs)``
+(so a local parquet copy is ``dataset_path: parquet`` + ``data_files``): :func:`local_dataset` returns
+exactly those two, and :func:`load_split` reads a split back the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmms_emi import scenarios as sc
+from lmms_emi.errors import DataPathError, UsageError
+
+__all__ = [
+    "IMAGE_COLUMNS",
+    "QUESTION_COLUMNS",
+    "REFERENCE_COLUMNS",
+    "ColumnNames",
+    "LocalDataset",
+    "encoded_images",
+    "load_split",
+    "load_splits",
+    "local_dataset",
+    "quiet_hub",
+]
+
+QUESTION_COLUMNS = ("question", "prompt", "instruction", "text")
+REFERENCE_COLUMNS = ("reference_answer", "gpt_answer", "answer", "reference", "caption")
+IMAGE_COLUMNS = ("image", "images", "img")
+
+
+@dataclass(frozen=True)
+class LocalDataset:
+    """A local copy as lmms-eval loads it: ``dataset_path``, ``dataset_kwargs``, and the split names."""
+
+    path: str
+    kwargs: dict[str, Any]
+    splits: list[str]
+
+
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """Silence the hub client's retry warnings while a dataset loads: on failure the user gets one line."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _splits_of_saved(path: Path) -> list[str]:
+    meta = path / "dataset_dict.json"
+    if meta.is_file():
+        return list(json.loads(meta.read_text(encoding="utf-8")).get("splits", []))
+    return []
+
+
+def _parquet_files(path: Path) -> dict[str, list[str]]:
+    """``{split: [files]}`` of a parquet copy: ``<split>.parquet`` or ``data/<split>-*.parquet`` (hub)."""
+    found: dict[str, list[str]] = {}
+    for file in sorted(path.rglob("*.parquet")):
+        split = sc.split_prefix(file.stem, separator="-")
+        if split is not None and sc.parse_split(split) is not None:
+            found.setdefault(split, []).append(str(file.resolve()))
+    return found
+
+
+def local_dataset(path: str | Path, *, option: str = "--data") -> LocalDataset:
+    """lmms-eval's view of a local copy of a benchmark (``option`` names the flag in error messages)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataPathError(f"{option} {path}: no such file or directory")
+    p = p.resolve()
+    splits = _splits_of_saved(p)
+    if splits:
+        return LocalDataset(str(p), {"load_from_disk": True}, splits)
+    files = _parquet_files(p) if p.is_dir() else {}
+    if files:
+        return LocalDataset("parquet", {"data_files": files}, list(files))
+    raise DataPathError(
+        f"{option} {path}: not a local copy of a LLaVA-Bench shift dataset (expected a "
+        "DatasetDict.save_to_disk folder or parquet files named after the splits)"
+    )
+
+
+def load_split(dataset_path: str, split: str, dataset_kwargs: Mapping[str, Any] | None = None) -> Any:
+    """One split, loaded as lmms-eval loads it (``load_from_disk`` or ``load_dataset``)."""
+    import datasets
+
+    kwargs = dict(dataset_kwargs or {})
+    if kwargs.pop("load_from_disk", False):
+        return datasets.load_from_disk(dataset_path)[split]
+    kwargs = {k: v for k, v in kwargs.items() if k in ("data_files", "name", "revision", "data_dir")}
+    if "data_files" in kwargs and isinstance(kwargs["data_files"], Mapping):
+        kwargs["data_files"] = {split: kwargs["data_files"][split]}
+    with quiet_hub():
+        return datasets.load_dataset(dataset_path, split=split, **kwargs)
+
+
+def load_splits(dataset: str | None, benchmark: str, splits: Sequence[str]) -> dict[str, Any]:
+    """{split: datasets.Dataset} from a local copy (``--dataset PATH``) or the benchmark's hub dataset."""
+    import datasets
+
+    source = dataset or sc.DATASET[benchmark]
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        if Path(source).expanduser().exists():
+            local = local_dataset(source, option="--dataset")
+            missing = [s for s in splits if s not in local.splits]
+            if missing:
+                shown = ", ".join(local.splits[:4]) + (", ..." if len(local.splits) > 4 else "")
+                raise UsageError(
+                    f"dataset {source} has no split {missing[0]!r} ({len(missing)} missing; it has "
+                    f"{shown}); restrict with --scenarios"
+                )
+            return {s: load_split(local.path, s, local.kwargs) for s in splits}
+        out = {}
+        for split in splits:
+            try:
+                out[split] = load_split(source, split)
+            except Exception as exc:  # offline / unknown id / missing split: many exception types
+                raise UsageError(
+                    f"dataset {source!r} is not reachable ({type(exc).__name__}): scoring needs the "
+                    "Hugging Face hub (online) or a local path given with --dataset (a "
+                    "DatasetDict.save_to_disk folder or parquet files)"
+                ) from None
+        return out
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+@dataclass(frozen=True)
+class ColumnNames:
+    """Dataset columns chosen by the user (None: the first of the usual names that is present)."""
+
+    question: str | None = None
+    reference: str | None = None
+    image: str | None = None
+
+    def resolve(self, ds: Any, split: str) -> tuple[str, str | None, str]:
+        """(question, reference or None, image) column names of ``ds``."""
+        q_col = _column(ds, QUESTION_COLUMNS, self.question, split)
+        r_col = _column(ds, REFERENCE_COLUMNS, self.reference, split)
+        i_col = _column(ds, IMAGE_COLUMNS, self.image, split)
+        if q_col is None or i_col is None:
+            raise UsageError(
+                f"split {split}: no {'question' if q_col is None else 'image'} column among "
+                f"{', '.join(ds.column_names)} (name it with --question-column / --image-column)"
+            )
+        return q_col, r_col, i_col
+
+
+def _column(ds: Any, candidates: Sequence[str], override: str | None, split: str) -> str | None:
+    if override:
+        if override not in ds.column_names:
+            raise UsageError(f"split {split}: no column {override!r} (columns: {', '.join(ds.column_names)})")
+        return override
+    return next((c for c in candidates if c in ds.column_names), None)
+
+
+def encoded_images(ds: Any, column: str, rows: Sequence[int] | None = None) -> list[Any]:
+    """The image column as stored (encoded bytes / path dicts, not decoded PIL images): the embedder decodes
+    and hashes them, so every entry point sees identical inputs."""
+    import datasets
+
+    raw = ds.select_columns([column])
+    if isinstance(raw.features[column], datasets.Image):
+        raw = raw.cast_column(column, datasets.Image(decode=False))
+    if rows is not None:
+        raw = raw.select(rows)
+    return list(raw[column])

@@ -1,0 +1,170 @@
+"""An lmms-eval ``--output_path`` folder written with ``--log_samples``: the EMI records of each task (from
+``*_samples_<task>.jsonl``), the task configs and model of the matching ``*_results.json``, and the images
+read back from each task's dataset. The records of ``lmms-emi analyze``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lmms_emi import scenarios as sc
+from lmms_emi.errors import UsageError
+from lmms_emi.metrics import RECORD_METRIC
+from lmms_emi.pipeline.records import Sample
+from lmms_emi.sources.datasets import IMAGE_COLUMNS, encoded_images, load_split, load_splits
+
+__all__ = ["RunRecords", "model_name", "read_run"]
+
+
+def model_name(model: str | None, model_args: Any) -> str | None:
+    """The name a user knows a model by: ``model_name=`` or ``pretrained=`` of its model args, else the
+    lmms-eval model class (``llava``, ``emi_replay``)."""
+    pairs: Mapping[str, Any] = {}
+    if isinstance(model_args, Mapping):
+        pairs = model_args
+    elif isinstance(model_args, str):
+        pairs = dict(p.split("=", 1) for p in model_args.split(",") if "=" in p)
+    value = pairs.get("model_name") or pairs.get("pretrained")
+    return str(value) if value else model
+
+
+@dataclass
+class RunRecords:
+    """The EMI records of one lmms-eval run folder, by task (sorted by doc_id), and the run's task configs."""
+
+    records: dict[str, list[dict[str, Any]]]
+    configs: dict[str, dict[str, Any]]
+    model: str | None
+    results_file: str | None
+
+    def samples(self, *, dataset: str | None = None, progress: bool = True) -> dict[str, list[Sample]]:
+        """Sample lists with each document's image read back from the task's dataset split."""
+        out: dict[str, list[Sample]] = {}
+        for task, records in tqdm(
+            self.records.items(), desc="reading images", disable=not progress, leave=False
+        ):
+            images = self._images(task, [r["doc_id"] for r in records], dataset, records)
+            out[task] = [
+                Sample(task, r["doc_id"], img, str(r["question"]), r["response"], r.get("reference"))
+                for r, img in zip(records, images, strict=True)
+            ]
+        return out
+
+    def _images(self, task: str, doc_ids: list[int], dataset: str | None, records: list[dict]) -> list[Any]:
+        scenario = sc.scenario_for_task(task)
+        config = self.configs.get(task, {})
+        split = config.get("test_split") or (scenario.split if scenario else None)
+        if dataset is not None and scenario is not None:
+            ds = load_splits(dataset, scenario.benchmark, [scenario.split])[scenario.split]
+        else:
+            ds = _dataset_from_config(task, config, split)
+        if doc_ids and max(doc_ids) >= len(ds):
+            raise UsageError(
+                f"task {task!r}: doc_id {max(doc_ids)} is beyond the {len(ds)} rows of its dataset split "
+                "(is --dataset the data the run used?)"
+            )
+        if "question_id" in ds.column_names:  # guard against a different dataset than the run's
+            qids = [int(q) for q in ds.select(doc_ids)["question_id"]]
+            for r, q in zip(records, qids, strict=True):
+                if r.get("question_id") is not None and int(r["question_id"]) != q:
+                    raise UsageError(
+                        f"task {task!r}: doc_id {r['doc_id']} has question_id {r['question_id']} in the run "
+                        f"but {q} in the dataset (is --dataset the data the run used?)"
+                    )
+        column = next((c for c in IMAGE_COLUMNS if c in ds.column_names), None)
+        if column is None:
+            raise UsageError(
+                f"task {task!r}: its dataset split has no image column ({', '.join(ds.column_names)})"
+            )
+        return encoded_images(ds, column, doc_ids)
+
+
+def _dataset_from_config(task: str, config: Mapping[str, Any], split: str | None) -> Any:
+    """The task's split as lmms-eval loaded it (dataset_path + dataset_kwargs of the results JSON)."""
+    path = config.get("dataset_path")
+    if not path or not split:
+        raise UsageError(
+            f"task {task!r}: the run's results JSON does not say where its data is; pass --dataset PATH"
+        )
+    try:
+        return load_split(path, split, config.get("dataset_kwargs") or {})
+    except Exception as exc:  # offline / moved / unknown id: many exception types
+        raise UsageError(
+            f"task {task!r}: dataset {path!r} is not reachable ({type(exc).__name__}); the images need the "
+            "Hugging Face hub (online) or a local copy given with --dataset"
+        ) from None
+
+
+def read_run(run_dir: str | Path, *, metric: str = RECORD_METRIC) -> RunRecords:
+    """Read ``*_samples_<task>.jsonl`` (latest date of the folder) and the matching ``*_results.json``.
+
+    Each line must carry, under ``metric``, the per-document record of the EMI metric (``question``,
+    ``response``, ``reference``, ``doc_id``); files without it (other tasks) are skipped.
+    """
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such folder")
+    files = sorted(root.rglob("*_samples_*.jsonl"))
+    if not files:
+        raise UsageError(f"{root} holds no *_samples_<task>.jsonl files (run lmms-eval with --log_samples)")
+    dates = sorted({f.name.split("_samples_", 1)[0] for f in files})
+    if len(dates) > 1:
+        print(f"lmms-emi: {root} holds {len(dates)} runs; reading the latest ({dates[-1]})", file=sys.stderr)
+    latest = [f for f in files if f.name.split("_samples_", 1)[0] == dates[-1]]
+    records: dict[str, list[dict[str, Any]]] = {}
+    for path in latest:
+        task = path.name.split("_samples_", 1)[1].removesuffix(".jsonl")
+        rows = _read_records(path, metric)
+        if rows is not None:
+            rows.sort(key=lambda r: r["doc_id"])
+            records[task] = rows
+    if not records:
+        raise UsageError(
+            f"no sample file under {root} has {metric!r} records (was the EMI metric part of the run?)"
+        )
+    results_files = sorted(latest[0].parent.glob(f"{dates[-1]}_results.json")) or sorted(
+        root.rglob("*_results.json")
+    )
+    configs: dict[str, dict[str, Any]] = {}
+    model = None
+    results_file = None
+    if results_files:
+        results_file = str(results_files[-1])
+        try:
+            data = json.loads(results_files[-1].read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{results_files[-1]}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        configs = data.get("configs", {}) or {}
+        cfg = data.get("config", {}) or {}
+        model = cfg.get("model_name") or model_name(cfg.get("model"), cfg.get("model_args"))
+    return RunRecords(records, configs, model, results_file)
+
+
+def _read_records(path: Path, metric: str) -> list[dict[str, Any]] | None:
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+            rec = obj.get(metric)
+            if rec is None and not rows and line_no == 1:
+                return None  # a task without the EMI metric
+            if not isinstance(rec, dict) or not {"question", "response"} <= set(rec):
+                raise UsageError(
+                    f"{path}:{line_no}: no EMI record under {metric!r} (question, response, doc_id)"
+                )
+            doc_id = rec.get("doc_id", obj.get("doc_id"))
+            if doc_id is None:
+                raise UsageError(f"{path}:{line_no}: the record has no doc_id")
+            rows.append({**rec, "doc_id": int(doc_id)})
+    return rows or None
