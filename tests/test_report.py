@@ -122,3 +122,24 @@ def test_json_has_no_nan(tmp_path):
     paths = write_report(res, tmp_path)
     text = paths["json"].read_text()
     assert "NaN" not in text and json.loads(text)["correlations"]["bound"]["pearson_r"] is None
+
+
+def test_atomic_write_keeps_mode_or_uses_the_umask(tmp_path) -> None:
+    """A rewritten file keeps its mode (lmms-eval's results JSON is 0644); a new one gets the umask's, not the
+    0600 of the temp file it was written through."""
+    import os
+    import stat
+
+    from lmms_emi._io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        new = atomic_write_text(tmp_path / "new.json", "{}")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644
+        existing = tmp_path / "results.json"
+        existing.write_text("{}")
+        existing.chmod(0o640)
+        atomic_write_text(existing, '{"x": 1}')
+        assert stat.S_IMODE(existing.stat().st_mode) == 0o640 and existing.read_text() == '{"x": 1}'
+    finally:
+        os.umask(old)
