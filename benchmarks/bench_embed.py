@@ -6,10 +6,13 @@ Measures, in one run:
    depend on the weights) and with the offline profile's EfficientNet-Lite0 (real weights);
 2. texts/s with the XLM-R-base architecture (full size, random weights) at layer 0 (embedding
    module only) vs a full 12-layer forward, and with the offline profile's MiniLM;
-3. cold vs warm disk cache for both modalities;
+3. cold vs warm disk cache for both modalities (a warm embedder loads no model: encoders are loaded
+   lazily, on the first cache miss);
 4. the unique-content saving on the synthetic LLaVA-Bench-shift layout: 7 visual x 5 text shifts of
    90 samples = 35 scenarios, 3,150 samples, 630 unique images, 450 unique questions, 90 references
    (and one distinct model response per sample): encoder calls with vs without dedup + cache.
+
+The whole ``lmms-emi score`` command at full size, phase by phase: ``benchmarks/bench_score.py``.
 
 Usage::
 
@@ -195,12 +198,15 @@ def bench_layout(emb_factory: Callable[[Path | bool], Embedder], cache: Path) ->
             "image_calls": st.image.encoder_calls,
             "text_calls": st.text.encoder_calls,
             "saved": st.saved,
+            "load_seconds": st.load_seconds,
+            "models_loaded": emb.loaded_modalities(),
         }
         log(
             f"  {run} run: {st.requested} embeddings requested (= 4 x {n_samples}), "
             f"{st.encoder_calls} encoder calls ({st.image.encoder_calls} images, "
             f"{st.text.encoder_calls} texts), {st.saved} saved "
-            f"({100 * st.saved / st.requested:.1f}%), {t:.1f} s with the tiny test encoders"
+            f"({100 * st.saved / st.requested:.1f}%), {t:.1f} s with the tiny test encoders "
+            f"(models loaded: {emb.loaded_modalities() or 'none'}, {st.load_seconds:.2f} s)"
         )
     return out
 

@@ -105,3 +105,14 @@ def test_paper_profile_without_hub_is_a_clear_error() -> None:
     assert "ERR could not load CLIP" in out.stdout and "openai/clip-vit-base-patch32" in out.stdout, (
         out.stderr[-2000:]
     )
+
+
+def test_offline_profile_loads_nothing_until_needed() -> None:
+    e = Embedder.from_profile("offline", cache_dir=False, progress=False)
+    assert e.loaded_modalities() == [] and e.encoder_spec() == profile_spec("offline")
+    # read from the shipped models' configs, the spec equals the profile's fixed one
+    assert profile_spec("offline", text_layer=-1, batch_size=4) == profile_spec("offline")
+    assert profile_spec("offline", text_layer=3)["text"]["layer"] == 3
+    e.embed_texts(["a dog"])
+    assert e.loaded_modalities() == ["text"]
+    assert e.vision.dim == 1280 and e.loaded_modalities() == ["image", "text"]

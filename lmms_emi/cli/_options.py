@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from lmms_emi.embed import Embedder, profile_spec
+from lmms_emi.embed import Embedder
 from lmms_emi.errors import EncoderLoadError
 from lmms_emi.pipeline.estimator import EstimatorPolicy
 from lmms_emi.pipeline.shift import AnalysisSettings
@@ -173,13 +173,6 @@ def build_embedder(ns: argparse.Namespace) -> Embedder:
             f"{head.group(1) if head else first} — the '{ns.encoders}' encoders need the Hugging Face hub or "
             "local copies (--vision-encoder / --text-encoder DIR), or use --encoders offline"
         ) from None
-
-
-def expected_spec(ns: argparse.Namespace) -> dict[str, Any] | None:
-    """The encoder spec of a plain profile, known without loading any model (None with overrides)."""
-    if any(getattr(ns, n, None) is not None for n in ("vision_encoder", "text_encoder", "text_layer")):
-        return None
-    return profile_spec(ns.encoders)
 
 
 def policy_from(ns: argparse.Namespace) -> EstimatorPolicy:

@@ -12,7 +12,6 @@ from lmms_emi.cli._options import (
     add_estimator_options,
     add_output_options,
     build_embedder,
-    expected_spec,
     policy_from,
     settings_from,
 )
@@ -48,12 +47,14 @@ def run(ns: argparse.Namespace) -> int:
     records = read_run(ns.run_dir, metric=ns.metric)
     check_sizes({task: len(rows) for task, rows in records.records.items()})
     policy, settings = policy_from(ns), settings_from(ns)
-    policy.check(expected_spec(ns))
+    policy.check(None)  # an unreadable checkpoint fails before the images load
     samples = records.samples(dataset=ns.dataset, progress=not ns.quiet)
+    embedder = build_embedder(ns)  # reads the encoders' configs only: no weights yet
+    policy.check(embedder.encoder_spec())  # a checkpoint for other encoders fails before any embedding
     metadata = {
         "model": ns.model or records.model,
         "run_dir": str(ns.run_dir),
         "results_file": records.results_file,
     }
     out = Path(ns.output_path) if ns.output_path else Path(ns.run_dir) / "emi_report"
-    return finish(ns, samples, build_embedder(ns), policy, settings, metadata, out)
+    return finish(ns, samples, embedder, policy, settings, metadata, out)

@@ -15,7 +15,6 @@ from lmms_emi.cli._options import (
     add_option,
     add_output_options,
     build_embedder,
-    expected_spec,
     policy_from,
     settings_from,
 )
@@ -81,12 +80,14 @@ def run(ns: argparse.Namespace) -> int:
     if not Path(ns.responses).is_dir():
         raise UsageError(f"--responses {ns.responses}: no such folder")
     policy, settings = policy_from(ns), settings_from(ns)
-    policy.check(expected_spec(ns))
+    policy.check(None)  # an unreadable checkpoint fails before any data loads
     splits = load_splits(ns.dataset, ns.benchmark, [s.split for s in scenarios])
     model = ns.model or only_model(ns.responses, [s.split for s in scenarios])
     columns = ColumnNames(ns.question_column, ns.reference_column, ns.image_column)
     samples = collect_samples(splits, scenarios, ns.responses, model, columns, progress=not ns.quiet)
-    check_sizes({task: len(rows) for task, rows in samples.items()})  # before any model loads
+    check_sizes({task: len(rows) for task, rows in samples.items()})
+    embedder = build_embedder(ns)  # reads the encoders' configs only: no weights yet
+    policy.check(embedder.encoder_spec())  # a checkpoint for other encoders fails before any embedding
     metadata = {
         "model": model,
         "benchmark": ns.benchmark,
@@ -94,4 +95,4 @@ def run(ns: argparse.Namespace) -> int:
         "responses": str(ns.responses),
         "encoders": ns.encoders,
     }
-    return finish(ns, samples, build_embedder(ns), policy, settings, metadata, Path(ns.output_path))
+    return finish(ns, samples, embedder, policy, settings, metadata, Path(ns.output_path))

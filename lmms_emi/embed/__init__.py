@@ -5,8 +5,13 @@ Public API::
     from lmms_emi.embed import Embedder
     emb = Embedder.from_profile("paper")          # CLIP ViT-B/32 patch mean + XLM-R-base layer 0
     emb = Embedder.from_profile("offline")        # EfficientNet-Lite0 + all-MiniLM-L6-v2 (ship in wheels)
+    emb = Embedder(vision="path/to/clip", text="path/to/xlmr")   # local copies: recorded as the paper's
+    emb.encoder_spec()                            # from the configs: no model loaded yet
     task = emb.embed_task(images, questions, responses, references)   # -> lmms_emi.emi.TaskEmbeddings
-    emb.encoder_spec(); print(emb.stats.summary())
+    print(emb.stats.summary())                    # models are loaded only if something missed the cache
+
+``profile_spec(profile, **overrides)`` gives the spec of ``Embedder.from_profile(profile, **overrides)``
+without building it (nothing loaded).
 """
 
 from lmms_emi.errors import EmbedInputError, EncoderLoadError
@@ -16,6 +21,7 @@ from .distributed import dist_context, gather_rows, shard_and_gather, shard_indi
 from .embedder import (
     DEFAULT_PROJECTION_SEED,
     PROFILES,
+    SPEC_ARGUMENTS,
     Embedder,
     EmbedStats,
     ModalityStats,
@@ -23,21 +29,29 @@ from .embedder import (
     profile_spec,
 )
 from .encoders import (
+    KNOWN_ENCODERS,
     TEXT_ENCODERS,
     VISION_ENCODERS,
     EfficientNetLite0,
     Encoder,
+    EncoderInfo,
     HFClipVision,
     HFText,
+    KnownEncoder,
     OpenClipVision,
+    canonical_name,
+    describe_encoder,
     load_encoder,
     mean_after_first,
+    recognise,
     register_encoder,
 )
 
 __all__ = [
     "DEFAULT_PROJECTION_SEED",
+    "KNOWN_ENCODERS",
     "PROFILES",
+    "SPEC_ARGUMENTS",
     "TEXT_ENCODERS",
     "VISION_ENCODERS",
     "EfficientNetLite0",
@@ -46,19 +60,24 @@ __all__ = [
     "Embedder",
     "EmbeddingCache",
     "Encoder",
+    "EncoderInfo",
     "EncoderLoadError",
     "HFClipVision",
     "HFText",
+    "KnownEncoder",
     "ModalityStats",
     "OpenClipVision",
     "RandomProjection",
     "cache_key",
+    "canonical_name",
     "default_cache_dir",
+    "describe_encoder",
     "dist_context",
     "gather_rows",
     "load_encoder",
     "mean_after_first",
     "profile_spec",
+    "recognise",
     "register_encoder",
     "shard_and_gather",
     "shard_indices",

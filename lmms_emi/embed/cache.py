@@ -14,11 +14,11 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lmms_emi._io import atomic_write
@@ -53,15 +53,33 @@ class EmbeddingCache:
     def get(self, key: str, dim: int) -> tuple[torch.Tensor | None, bool]:
         """Return ``(vector, corrupt)``; ``vector`` is None on a miss or when the entry is bad
         (truncated, bit-flipped, wrong key/shape, non-finite): the caller recomputes and overwrites it."""
-        p = self.path(key)
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            return None, False
-        except OSError:
-            return None, True
-        vec = _decode(data, key, dim)
-        return (None, True) if vec is None else (vec, False)
+        rows, found, corrupt = self.get_many([key], dim)
+        return (torch.from_numpy(rows[0]) if found[0] else None), bool(corrupt)
+
+    def get_many(self, keys: Sequence[str], dim: int) -> tuple[np.ndarray, list[bool], int]:
+        """Read many entries at once: ``(rows, found, corrupt)`` with ``rows`` a float32 ``[len(keys), dim]``
+        array (rows not found are zero), ``found[i]`` whether entry ``i`` was read and verified, and the
+        number of bad entries (counted as not found, like a miss)."""
+        rows = np.zeros((len(keys), dim), dtype=np.float32)
+        found = [False] * len(keys)
+        corrupt = 0
+        root = os.fspath(self.root)
+        for i, key in enumerate(keys):
+            try:
+                with open(f"{root}/{key[:2]}/{key}.safetensors", "rb") as fh:  # = self.path(key), faster
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                corrupt += 1
+                continue
+            vec = _decode(data, key, dim)
+            if vec is None:
+                corrupt += 1
+            else:
+                rows[i] = vec
+                found[i] = True
+        return rows, found, corrupt
 
     def put(self, key: str, vec: torch.Tensor) -> None:
         """Atomically write one vector (temp file in the same directory, then ``os.replace``)."""
@@ -72,24 +90,31 @@ class EmbeddingCache:
         atomic_write(p, lambda tmp: tmp.write_bytes(blob))
 
 
-def _decode(data: bytes, key: str, dim: int) -> torch.Tensor | None:
-    """Parse and verify one entry; None when anything is off."""
+def _decode(data: bytes, key: str, dim: int) -> np.ndarray | None:
+    """Parse and verify one entry (a safetensors file holding one float32 vector ``z``): its header names
+    this key and the sha256 of the vector's bytes, which must match. None when anything is off."""
     try:
         if len(data) < 8:
             return None
         (n,) = struct.unpack("<Q", data[:8])
         if n > len(data) - 8:
             return None
-        meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
-        if meta.get("format") != _FORMAT or meta.get("key") != key:
+        header = json.loads(data[8 : 8 + n])
+        meta = header.get("__metadata__", {})
+        if meta.get("format") != _FORMAT or meta.get("key") != key or set(header) != {"__metadata__", "z"}:
             return None
-        z = st_load(data)["z"]
+        z = header["z"]
+        begin, end = (int(x) for x in z["data_offsets"])
+        if z["dtype"] != "F32" or list(z["shape"]) != [dim] or (begin, end) != (0, 4 * dim):
+            return None
+        if 8 + n + end != len(data):
+            return None
+        payload = memoryview(data)[8 + n :]
+        if hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
+            return None
+        vec = np.frombuffer(payload, dtype="<f4")
     except Exception:  # any parse failure means a bad entry, never a crash
         return None
-    if z.dtype != torch.float32 or z.ndim != 1 or z.shape[0] != dim:
+    if not bool(np.isfinite(vec).all()):
         return None
-    if hashlib.sha256(z.numpy().tobytes()).hexdigest() != meta.get("sha256"):
-        return None
-    if not bool(np.isfinite(z.numpy()).all()):
-        return None
-    return z.clone()
+    return vec

@@ -98,8 +98,34 @@ def profile_spec(profile: str, **overrides: Any) -> dict[str, Any]:
     relevant = {k: overrides[k] for k in SPEC_ARGUMENTS if overrides.get(k) is not None}
     if not relevant:
         return json.loads(json.dumps(_PROFILE_SPECS[profile]))
-    emb = Embedder.from_profile(profile, cache_dir=False, device="cpu", progress=False, **relevant)
-    return emb.encoder_spec()
+    args = {**PROFILES[profile], **relevant}
+    infos = {}
+    for modality, source, kwargs in (
+        ("image", args["vision"], {"name": args.get("vision_name")}),
+        ("text", args["text"], {"layer": args.get("text_layer", 0), "name": args.get("text_name")}),
+    ):
+        info = describe_encoder(source, modality, **kwargs)
+        infos[modality] = info if info is not None else load_encoder(source, modality, **kwargs).info()
+    seed = args.get("projection_seed", DEFAULT_PROJECTION_SEED)
+    return _encoder_spec(infos, _projections(infos["image"].dim, infos["text"].dim, seed))
+
+
+def _projections(dv: int, dt: int, seed: int) -> dict[str, RandomProjection]:
+    """The random projection that maps the larger encoder dimension onto the smaller one (none if equal)."""
+    if dv > dt:
+        return {"image": RandomProjection("vision", dv, dt, seed)}
+    if dt > dv:
+        return {"text": RandomProjection("text", dt, dv, seed)}
+    return {}
+
+
+def _encoder_spec(infos: dict[str, EncoderInfo], projections: dict[str, RandomProjection]) -> dict[str, Any]:
+    v, t = infos["image"].spec(), infos["text"].spec()
+    v["dim"] = t["dim"] = min(v["dim"], t["dim"])
+    spec: dict[str, Any] = {"vision": v, "text": t}
+    for p in projections.values():
+        spec["projection"] = p.spec()
+    return spec
 
 
 @dataclass
@@ -309,11 +335,7 @@ class Embedder:
             self.cache = EmbeddingCache(default_cache_dir() if cache_dir is None else Path(cache_dir))
 
         dv, dt = self._infos["image"].dim, self._infos["text"].dim
-        self.projections: dict[str, RandomProjection] = {}
-        if dv > dt:
-            self.projections["image"] = RandomProjection("vision", dv, dt, projection_seed)
-        elif dt > dv:
-            self.projections["text"] = RandomProjection("text", dt, dv, projection_seed)
+        self.projections = _projections(dv, dt, projection_seed)
         self.dim = min(dv, dt)
         self._proj_mats: dict[str, torch.Tensor] = {}
 
@@ -404,12 +426,7 @@ class Embedder:
         """JSON-serialisable description of the features (goes into the checkpoint manifest).
 
         Known from the encoders' configs: no model is loaded."""
-        v, t = self._infos["image"].spec(), self._infos["text"].spec()
-        v["dim"] = t["dim"] = self.dim
-        spec: dict[str, Any] = {"vision": v, "text": t}
-        for p in self.projections.values():
-            spec["projection"] = p.spec()
-        return spec
+        return _encoder_spec(self._infos, self.projections)
 
     def embed_images(self, images: Sequence[Any], sample_ids: Sequence[Any] | None = None) -> torch.Tensor:
         """``[N, d]`` features of PIL images, encoded bytes, paths, uint8 arrays or HF image dicts.
@@ -541,18 +558,15 @@ class Embedder:
     def _resolve(self, modality: str, keys: list[str], payloads: list[Any]) -> torch.Tensor:
         """Rows for unique contents: cache hits, then encode and store the misses."""
         st = getattr(self.stats, modality)
-        out = torch.empty(len(keys), self.dim, dtype=torch.float32)
         enc_id, layer, proj = self._key_prefix(modality)
         ckeys = [cache_key(enc_id, layer, proj, k) for k in keys]
-        misses: list[int] = []
-        corrupt = 0
-        for i, ck in enumerate(ckeys):
-            vec, bad = self.cache.get(ck, self.dim) if self.cache else (None, False)
-            corrupt += int(bad)
-            if vec is None:
-                misses.append(i)
-            else:
-                out[i] = vec
+        if self.cache is not None:
+            rows, found, corrupt = self.cache.get_many(ckeys, self.dim)
+            out = torch.from_numpy(rows)
+            misses = [i for i, hit in enumerate(found) if not hit]
+        else:
+            out = torch.empty(len(keys), self.dim, dtype=torch.float32)
+            misses, corrupt = list(range(len(keys))), 0
         if corrupt:
             st.corrupt_entries += corrupt
             warnings.warn(

@@ -183,32 +183,25 @@ def _read_json(source: str, filename: str, what: str, *, required: bool) -> dict
 
 
 def _hub_file(source: str, filename: str, what: str, *, required: bool) -> str | None:
-    """Local path of one file of a hub repository (downloaded into the hub cache when needed)."""
+    """Local path of one file of a hub repository (from the hub cache, downloaded when needed); None when an
+    optional file cannot be had."""
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import RemoteEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - transformers depends on it
         raise EncoderLoadError(f"could not load {what} {source!r}: huggingface_hub is missing") from exc
     try:
         return str(hf_hub_download(source, filename))
-    except EntryNotFoundError:
+    except Exception as exc:  # offline and not cached, unknown repository, invalid id, missing file, ...
         if not required:
             return None
-        raise EncoderLoadError(
-            f"could not load {what} {source!r}: the repository has no {filename}"
-        ) from None
-    except Exception as exc:  # offline, unknown repository, invalid id, ...
-        if not required and not _looks_offline(exc):
-            return None
+        if isinstance(exc, RemoteEntryNotFoundError):
+            missing = f"could not load {what} {source!r}: the repository has no {filename}"
+            raise EncoderLoadError(missing) from None
         raise EncoderLoadError(
             f"could not load {what} {source!r}: {exc}\n(no network? pass a local directory saved with "
             "save_pretrained, or use Embedder.from_profile('offline'))"
         ) from exc
-
-
-def _looks_offline(exc: Exception) -> bool:
-    name = type(exc).__name__
-    return "Offline" in name or "Connect" in name or "LocalEntryNotFound" in name or "Timeout" in name
 
 
 def _vision_config(config: Mapping[str, Any]) -> Mapping[str, Any]:

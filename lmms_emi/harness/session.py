@@ -29,7 +29,7 @@ from typing import Any
 from loguru import logger
 
 from lmms_emi import scenarios as sc
-from lmms_emi.embed import Embedder, profile_spec
+from lmms_emi.embed import Embedder
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.harness.options import EMIOptions
@@ -180,21 +180,14 @@ class RunSession:
             return self._embedder
 
     def encoder_spec(self) -> dict[str, Any]:
-        """The run's encoder spec; a built-in profile's without loading its models."""
-        opts = self.options
-        if opts.vision is None and opts.text is None and opts.text_layer is None and self._embedder is None:
-            return profile_spec(opts.profile)
+        """The run's encoder spec (from the encoders' configs: no model is loaded for it)."""
         return self.embedder().encoder_spec()
 
     def fixed_estimator(self) -> tuple[CLUB, EstimatorInfo] | None:
         """The estimator when it needs no training (a given checkpoint or a shipped default), else None."""
         with self._lock:
             if self._fixed is False:
-                policy = self.options.policy()
-                spec = (
-                    self.embedder().encoder_spec() if policy.checkpoint is not None else self.encoder_spec()
-                )
-                self._fixed = fixed_estimator(policy, spec)
+                self._fixed = fixed_estimator(self.options.policy(), self.encoder_spec())
             return self._fixed or None
 
     # ------------------------------------------------------------------------------------------- the end

@@ -127,6 +127,9 @@ def load_splits(dataset: str | None, benchmark: str, splits: Sequence[str]) -> d
                     f"dataset {source} has no split {missing[0]!r} ({len(missing)} missing; it has "
                     f"{shown}); restrict with --scenarios"
                 )
+            if local.kwargs.get("load_from_disk"):
+                saved = datasets.load_from_disk(local.path)  # one load for every split
+                return {s: saved[s] for s in splits}
             return {s: load_split(local.path, s, local.kwargs) for s in splits}
         out = {}
         for split in splits:
