@@ -390,6 +390,13 @@ def test_usage_errors_before_lmms_eval(tmp_path: Path, capsys: pytest.CaptureFix
         (["--tasks", "lbshift_syn_llava_bench_coco", "--estimator", str(tmp_path / "x.pt")], "no such file"),
         (["--tasks", "mme", "--metrics", "bleu"], "only 'emi'"),
         (["--model", "dummy"], "give the tasks"),
+        (
+            ["--tasks", "lbshift_syn_llava_bench_coco", "--confidence", "1.5"],
+            "confidence level must be in (0, 1)",
+        ),
+        (["--tasks", "lbshift_syn_llava_bench_coco", "--estimator_steps", "0"], "at least 1 training step"),
+        (["--tasks", "lbshift_syn_llava_bench_coco", "--entropy-scale", "inf"], "finite number >= 0"),
+        (["--tasks", "lbshift_syn_llava_bench_coco", "--bootstrap", "-1"], "resamples must be >= 0"),
     ]
     for argv, message in cases:
         assert main(["eval", *argv]) == EXIT_USAGE

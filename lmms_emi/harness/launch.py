@@ -331,7 +331,8 @@ def _run_eval(
     data = overrides.parse_data_args(data_args)
     if opts.estimator and opts.estimator != "fit" and not Path(opts.estimator).is_file():
         raise UsageError(f"--estimator {opts.estimator}: no such file")
-    opts.settings()  # validates the analysis options before any generation
+    opts.settings()  # validates the analysis and estimator options before any generation
+    opts.policy()
     if metrics and metrics.strip().lower() != "emi":
         raise UsageError(f"--metrics {metrics}: only 'emi' is supported")
 
