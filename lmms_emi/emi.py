@@ -376,13 +376,13 @@ def _resampled_emi(
     """EMI for each row of ``index`` (B, m) of resampled row numbers (a 1-D index is one replicate).
 
     A replicate is the CLUB estimate with row weights w = counts / m (counts: how often each row was drawn),
-    EMI(w) = Î_w(z_x; z_ŷ) − Î_w(z_x; z_y), each Î_w one weighted_club_mutual_information call for all B.
+    EMI(w) = Î_w(z_x; z_ŷ) − Î_w(z_x; z_y): one weighted_club_mutual_information call for both targets and
+    all B (the terms of μ and σ² are shared).
     """
     index = torch.as_tensor(np.atleast_2d(np.asarray(index)), dtype=torch.long)
     counts = torch.zeros(index.shape[0], mu.shape[0], dtype=torch.int32)
     counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.int32))
-    mi_model = weighted_club_mutual_information(mu, logvar, z_model, counts)
-    mi_ref = weighted_club_mutual_information(mu, logvar, z_ref, counts)
+    mi_model, mi_ref = weighted_club_mutual_information(mu, logvar, (z_model, z_ref), counts)
     return (mi_model - mi_ref).cpu().numpy()
 
 

@@ -339,3 +339,16 @@ def test_error_types_are_the_ones_of_lmms_emi_errors():
     assert CheckpointError is lmms_emi.errors.CheckpointError
     assert EncoderMismatchError is lmms_emi.errors.EncoderMismatchError
     assert NotFittedError is lmms_emi.errors.NotFittedError
+
+
+def test_weighted_estimate_of_several_targets_equals_one_at_a_time() -> None:
+    """Targets sharing μ, log σ² (a task's responses and references) give, bit for bit, what one call per
+    target gives; the shape is (targets, B)."""
+    gen = torch.Generator().manual_seed(7)
+    mu, logvar, y1, y2 = (torch.randn(37, 5, generator=gen) for _ in range(4))
+    counts = torch.randint(0, 3, (6, 37), generator=gen)
+    counts[:, 0] += 1  # every row of weights has a positive sum
+    both = weighted_club_mutual_information(mu, logvar, (y1, y2), counts)
+    assert both.shape == (2, 6)
+    assert torch.equal(both[0], weighted_club_mutual_information(mu, logvar, y1, counts))
+    assert torch.equal(both[1], weighted_club_mutual_information(mu, logvar, y2, counts))

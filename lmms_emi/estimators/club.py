@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,7 @@ def fingerprint(*tensors: torch.Tensor) -> str:
 
 
 def weighted_club_mutual_information(
-    mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
+    mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor
 ) -> torch.Tensor:
     """Closed-form CLUB estimate for each row of ``weights`` (B, n): shape (B,), float64, on ``mu``'s device.
 
@@ -146,6 +146,8 @@ def weighted_club_mutual_information(
 
     Computed in float64 over row chunks, accumulating the (B, d) products chunk by chunk: O(B·n·d) time,
     O(B·d + B·chunk + chunk·d) extra memory, never a float64 copy of all of μ, log σ², y or y².
+    ``y`` may also be a sequence of T targets sharing the same μ, log σ² (a task's model responses and
+    references): the terms of μ and σ² are then computed once and the result has shape (T, B).
 
     Example: d = 1, σ² = 1, μ_i = y_i = ±1, so pos = 0, log q(y_j|x_i) = −2²/2 = −2 for j ≠ i and
     Î(w) = 0 + 2·w₁w₂·2 = 4·w₁w₂: 1 for uniform weights, 0 for one row alone, 0.75 for w = (¾, ¼):
@@ -154,33 +156,50 @@ def weighted_club_mutual_information(
     >>> weighted_club_mutual_information(y, torch.zeros(2, 1), y, torch.tensor([[1, 1], [1, 0], [3, 1]]))
     tensor([1.0000, 0.0000, 0.7500], dtype=torch.float64)
     """
-    _check_conditionals(mu, logvar, y)
+    targets = [y] if isinstance(y, torch.Tensor) else list(y)
+    for target in targets:
+        _check_conditionals(mu, logvar, target)
     weights = torch.as_tensor(weights)
-    n = y.shape[0]
+    n, d = mu.shape
     if weights.ndim != 2 or weights.shape[1] != n:
         raise ValueError(f"weights must be a (B, {n}) matrix, got shape {tuple(weights.shape)}")
     f64, device = torch.float64, mu.device
     totals = weights.sum(dim=1, dtype=f64).to(device)
     if not (bool((weights >= 0).all()) and bool(torch.isfinite(totals).all()) and bool((totals > 0).all())):
         raise ValueError("weights must be finite and non-negative, with a positive sum in every row")
-    n_sets, d = weights.shape[0], y.shape[1]
-    linear = torch.zeros(n_sets, dtype=f64, device=device)  # wᵀ(pos + c)
-    wa, wb, wy, wy2 = (torch.zeros(n_sets, d, dtype=f64, device=device) for _ in range(4))
+    n_sets = weights.shape[0]
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=f64, device=device)
+
+    wa, wb = zeros(n_sets, d), zeros(n_sets, d)  # shared by every target
+    linear = [zeros(n_sets) for _ in targets]  # wᵀ(pos + c) per target
+    wy = [zeros(n_sets, d) for _ in targets]
+    wy2 = [zeros(n_sets, d) for _ in targets]
     for start in range(0, n, _CHUNK_ROWS):
         rows = slice(start, start + _CHUNK_ROWS)
         w = weights[:, rows].to(device, f64) / totals[:, None]
         mu_c = mu[rows].to(f64)
-        y_c = y[rows].to(device, f64, copy=True)  # copies: squared / exponentiated in place below
         a = logvar[rows].to(f64, copy=True).neg_().exp_().mul_(0.5)
-        pos = (y_c - mu_c).square_().mul_(a).sum(dim=1).neg_()
         b = mu_c * a
+        c = (b * mu_c).sum(dim=1)  # Σ_d μ²a
         wa.addmm_(w, a)
         wb.addmm_(w, b)
-        linear.addmv_(w, pos + b.mul_(mu_c).sum(dim=1))  # b·μ = μ²a: c
-        wy.addmm_(w, y_c)
-        wy2.addmm_(w, y_c.square_())
-        del w, mu_c, y_c, a, b  # free this chunk before the next one is allocated
-    return linear + (wa * wy2).sum(dim=1) - 2.0 * (wb * wy).sum(dim=1)
+        for t, target in enumerate(targets):
+            y_c = target[rows].to(device, f64, copy=True)  # a copy: squared in place below
+            pos = (y_c - mu_c).square_().mul_(a).sum(dim=1).neg_()
+            linear[t].addmv_(w, pos + c)
+            wy[t].addmm_(w, y_c)
+            wy2[t].addmm_(w, y_c.square_())
+            del y_c, pos
+        del w, mu_c, a, b, c  # free this chunk before the next one is allocated
+    out = torch.stack(
+        [
+            lin + (wa * q2).sum(dim=1) - 2.0 * (wb * q1).sum(dim=1)
+            for lin, q1, q2 in zip(linear, wy, wy2, strict=True)
+        ]
+    )
+    return out[0] if isinstance(y, torch.Tensor) else out
 
 
 def club_mutual_information(

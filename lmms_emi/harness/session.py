@@ -69,7 +69,6 @@ class RunSession:
         self._provisional: dict[str, dict[str, Any]] = {}
         self._embedder: Embedder | None = None
         self._fixed: tuple[CLUB, EstimatorInfo] | bool | None = False  # False: not looked up yet
-        self.errors: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------ load time
     def register_foreign(self, task: ForeignTask) -> None:
@@ -149,7 +148,6 @@ class RunSession:
                     self._provisional[task] = self._provisional_values(task)
                 except Exception as exc:
                     logger.warning(f"lmms-emi: {task}: {exc} (the EMI numbers are computed after the run)")
-                    self.errors[task] = str(exc)
                     self._provisional[task] = {}
             return self._provisional[task].get(metric)
 

@@ -149,6 +149,20 @@ def resolve_estimator(
     (:class:`~lmms_emi.errors.EncoderMismatchError` on a mismatch). A fitted estimator is not saved here:
     the report writer saves it beside the reports (``club_fitted.safetensors``).
     """
+    fixed = fixed_estimator(policy, encoder_spec)
+    if fixed is not None:
+        return fixed
+    spec = dict(encoder_spec)
+    club = fit_pooled_estimator(pooled, seed=policy.seed, steps=policy.steps, progress=policy.progress)
+    manifest = asdict(club.make_manifest(spec))
+    return club, EstimatorInfo("fitted", None, "run", spec, manifest, _FITTED_NOTE)
+
+
+def fixed_estimator(
+    policy: EstimatorPolicy, encoder_spec: Mapping[str, Any]
+) -> tuple[CLUB, EstimatorInfo] | None:
+    """The estimator when it needs no training (a named checkpoint, or a shipped one for these encoders),
+    loaded once; None when the policy fits one."""
     spec = dict(encoder_spec)
     if policy.checkpoint is not None:
         club = CLUB.from_checkpoint(policy.checkpoint, encoders=spec)
@@ -164,15 +178,4 @@ def resolve_estimator(
             return club, EstimatorInfo(
                 "default", str(path), "global", spec, _manifest_dict(club), "shipped estimator"
             )
-    club = fit_pooled_estimator(pooled, seed=policy.seed, steps=policy.steps, progress=policy.progress)
-    manifest = asdict(club.make_manifest(spec))
-    return club, EstimatorInfo("fitted", None, "run", spec, manifest, _FITTED_NOTE)
-
-
-def fixed_estimator(
-    policy: EstimatorPolicy, encoder_spec: Mapping[str, Any]
-) -> tuple[CLUB, EstimatorInfo] | None:
-    """The estimator when it needs no training (a named checkpoint, or a shipped one for these encoders)."""
-    if policy.checkpoint is not None or (policy.estimator is None and find_default_checkpoint(encoder_spec)):
-        return resolve_estimator(policy, encoder_spec, {})
     return None

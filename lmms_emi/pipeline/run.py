@@ -107,7 +107,9 @@ class RunAnalysis:
 def check_sizes(sizes: Mapping[str, int]) -> None:
     for task, n in sizes.items():
         if n < MIN_SAMPLES:
-            raise ValueError(f"task {task!r} has {n} sample(s); EMI and the bounds need at least 2")
+            raise ValueError(
+                f"task {task!r} has {n} sample(s); EMI and the bounds need at least {MIN_SAMPLES}"
+            )
 
 
 def analyze_run(
@@ -143,17 +145,13 @@ def analyze_run(
     spec = dict(embedder.encoder_spec())
     club, info = estimator if estimator is not None else resolve_estimator(policy, spec, ordered)
     meta = dict(metadata or {})
-    kwargs = settings.to_dict()
+    kwargs = settings.to_dict()  # entropy_scale, n_resamples, confidence_level, seed
     benchmarks: dict[str, ShiftAnalysis] = {}
     for benchmark, (id_task, tasks) in plan.groups.items():
-        result = analyze_shift({t: ordered[t] for t in tasks}, id_task, club, **_shift_kwargs(kwargs))
+        result = analyze_shift({t: ordered[t] for t in tasks}, id_task, club, **kwargs)
         benchmarks[benchmark] = result.with_context(estimator=info, metadata={**meta, "benchmark": benchmark})
     singles: dict[str, ShiftAnalysis] = {}
     for task in plan.singles:
-        result = analyze_shift({task: ordered[task]}, task, club, **_shift_kwargs(kwargs))
+        result = analyze_shift({task: ordered[task]}, task, club, **kwargs)
         singles[task] = result.with_context(estimator=info, metadata={**meta, "task": task})
     return RunAnalysis(benchmarks, singles, info, club, ordered, spec, settings, meta, list(plan.warnings))
-
-
-def _shift_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: settings[k] for k in ("entropy_scale", "n_resamples", "confidence_level", "seed")}
