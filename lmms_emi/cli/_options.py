@@ -5,12 +5,10 @@ underscore spelling (lmms-eval's style); earlier spellings stay as hidden aliase
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from lmms_emi.embed import Embedder
-from lmms_emi.errors import EncoderLoadError
 from lmms_emi.pipeline.estimator import EstimatorPolicy
 from lmms_emi.pipeline.shift import AnalysisSettings
 from lmms_emi.sources.datasets import quiet_hub
@@ -162,17 +160,10 @@ def embedder_overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_embedder(ns: argparse.Namespace) -> Embedder:
-    """The Embedder of ``--encoders`` with overrides; load failures become one line naming the ways out."""
-    try:
-        with quiet_hub():
-            return Embedder.from_profile(ns.encoders, **embedder_overrides(ns))
-    except EncoderLoadError as exc:
-        first = str(exc).splitlines()[0]
-        head = re.match(r"(could not load .*?'[^']*')", first)  # drop the library's long explanation
-        raise EncoderLoadError(
-            f"{head.group(1) if head else first} — the '{ns.encoders}' encoders need the Hugging Face hub or "
-            "local copies (--vision-encoder / --text-encoder DIR), or use --encoders offline"
-        ) from None
+    """The Embedder of ``--encoders`` with overrides (reads the encoders' configs; a failure is one
+    :class:`~lmms_emi.errors.EncoderLoadError` line naming the ways out)."""
+    with quiet_hub():
+        return Embedder.from_profile(ns.encoders, **embedder_overrides(ns))
 
 
 def policy_from(ns: argparse.Namespace) -> EstimatorPolicy:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -346,7 +347,15 @@ class Embedder:
         (EfficientNet-Lite0 + all-MiniLM-L6-v2 last layer, vision projected 1280 -> 384)."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
-        return cls(**{**PROFILES[profile], **overrides})
+        try:
+            return cls(**{**PROFILES[profile], **overrides})
+        except EncoderLoadError as exc:  # one line that names the encoder and the ways out
+            first = str(exc).splitlines()[0]
+            head = re.match(r"(could not load .*?'[^']*')", first)  # drop the library's long explanation
+            raise EncoderLoadError(
+                f"{head.group(1) if head else first} — the '{profile}' encoders need the Hugging Face hub or "
+                "local copies (--vision-encoder / --text-encoder DIR), or use --encoders offline"
+            ) from None
 
     def _resolve_precision(self, precision: str) -> torch.dtype | None:
         if precision == "fp32":

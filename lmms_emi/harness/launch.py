@@ -368,13 +368,9 @@ def _run_eval(
             )
 
     if plan is not None and rank == 0:
-        try:  # the encoders' configs are read (no weights): an unreachable encoder fails before generation
-            run.encoder_spec()
-        except Exception as exc:
-            raise UsageError(
-                f"{describe_error(exc)} — the '{opts.profile}' encoders need the Hugging Face hub or local "
-                "copies (--vision-encoder / --text-encoder DIR), or use --encoders offline"
-            ) from None
+        # the encoders' configs are read (no weights): an unreachable encoder fails before generation with
+        # the Embedder's one-line EncoderLoadError
+        run.encoder_spec()
     if opts.estimator and opts.estimator != "fit" and plan is not None and rank == 0:
         try:  # fail before the (long) generation when the checkpoint does not fit the encoders
             run.fixed_estimator()
