@@ -48,9 +48,9 @@ out, expected = sys.argv[1], sys.argv[2].split(",")
 problems = []
 if not glob.glob(os.path.join(out, "**", "*_results.json"), recursive=True):
     problems.append(f"no lmms-eval *_results.json under {out}")
-reports = sorted(glob.glob(os.path.join(out, "**", "emi_report_*.json"), recursive=True))
+reports = sorted(glob.glob(os.path.join(out, "**", "*emi_report_*.json"), recursive=True))
 if not reports:
-    problems.append(f"no emi_report_*.json under {out}")
+    problems.append(f"no *emi_report_*.json under {out}")
 seen = set()
 for path in reports:
     stem = path[: -len(".json")]

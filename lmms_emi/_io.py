@@ -23,12 +23,16 @@ def _umask() -> int:
     return current
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool = True
+) -> Path:
     """Write ``path`` atomically: ``write(tmp)`` fills a temp file in the same folder, then ``os.replace``.
 
     The temp file is removed if ``write`` fails, so readers never see a partial file or a leftover. The
     result keeps the mode of the file it replaces, or gets the umask's mode for a new file (not the 0600 of
-    a temp file).
+    a temp file). ``overwrite=False`` publishes with a hard link instead, which fails with
+    :class:`FileExistsError` (and leaves the existing file untouched) when ``path`` exists: two writers
+    racing for one name cannot both win.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,13 +45,65 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     try:
         write(Path(tmp))
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic, and refuses an existing name
+            os.unlink(tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomic UTF-8 text write."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
+    """Atomic UTF-8 text write (``overwrite=False``: refuse an existing file, see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` if needed and prove it writable with an unnamed temp file (nothing is left
+    behind); OSError (read-only, under a regular file, ...) otherwise."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+    return folder
+
+
+def reserve_file(path: str | os.PathLike) -> bool:
+    """Create ``path`` empty if no file has that name (atomic ``O_EXCL``); False when it exists.
+
+    Claims a name for one writer among several processes sharing a folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or unknown: keep its folder
+    return True
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new private temp folder ``<tmp>/<prefix><pid>_XXXX`` for this process, after removing the folders
+    of that prefix left by processes that no longer run (a run killed with SIGKILL cannot clean up itself).
+    The caller removes its own folder when done."""
+    import shutil
+
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{prefix}*_*"):
+        pid_text = old.name[len(prefix) :].split("_", 1)[0]
+        if old.is_dir() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}_", dir=root))

@@ -1,8 +1,8 @@
 """Report files: per analysis JSON, CSV, Markdown and a PNG scatter plot; per run also the embeddings file
 (input of ``train-estimator``) and the estimator when it was fitted on the run.
 
-Every file is written atomically (a temp file in the same folder, then ``os.replace``), so a reader never
-sees a half-written report and an interrupted run leaves no temp files behind.
+Every file is written atomically, so a reader never sees a half-written report and an interrupted run leaves
+no temp files behind; a run's files carry its id (:func:`write_run_reports`), and no run replaces another's.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -20,13 +24,19 @@ import numpy as np
 
 from lmms_emi._io import atomic_write, atomic_write_text
 from lmms_emi.embed.store import EMBEDDINGS_FILE, save_embeddings
+from lmms_emi.estimator_registry import file_sha256
 from lmms_emi.pipeline.estimator import FITTED_CHECKPOINT_NAME
 from lmms_emi.pipeline.run import RunAnalysis
 from lmms_emi.pipeline.shift import ShiftAnalysis, TaskResult, json_ready
+from lmms_emi.report_agreement import agreement_headline, write_agreement_report
+
+AGREEMENT_REPORT = "emi_agreement"  # the report of a run with a judge step
 
 __all__ = [
     "CSV_COLUMNS",
+    "RUN_ID_FORMAT",
     "format_headlines",
+    "new_run_id",
     "robustness_summary",
     "to_csv",
     "to_markdown",
@@ -53,6 +63,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "jsd_response_q",
     "mi_model",
     "mi_ref",
+    "warnings",
 )
 
 
@@ -78,6 +89,7 @@ def _row(t: TaskResult) -> dict[str, Any]:
         "jsd_response_q": t.jsd_response_q,
         "mi_model": t.mi_model,
         "mi_ref": t.mi_ref,
+        "warnings": "; ".join(t.warnings),
     }
 
 
@@ -175,11 +187,15 @@ def to_markdown(analysis: ShiftAnalysis) -> str:
     ]
     for t in analysis.tasks:
         lines.append(
-            f"| `{t.task}` | {t.shift_kind} | {t.n} | {_fmt_ci(t.emi, t.emi_ci)} | "
+            f"| `{t.task}`{' ⚠' if t.warnings else ''} | {t.shift_kind} | {t.n} | "
+            f"{_fmt_ci(t.emi, t.emi_ci)} | "
             f"{_fmt_ci(t.emid, t.emid_ci)} | {_fmt(t.bound)} | {_fmt(t.partial_bound)} | "
             f"{_fmt(t.jsd_visual)} | {_fmt(t.jsd_text)} | {_fmt(t.jsd_response_p)} | "
             f"{_fmt(t.jsd_response_q)} |"
         )
+    flagged = [f"- `{t.task}`: {w}" for t in analysis.tasks for w in t.warnings]
+    if flagged:  # numbers of these rows are computed on thin or degenerate data: not results to quote
+        lines += ["", "## Warnings (⚠ rows: do not quote these numbers as results)", "", *flagged]
     lines += ["", "## Correlation of EMID with its upper bound over the OOD tasks", ""]
     for name, corr in analysis.correlations.items():
         if corr is None:
@@ -255,24 +271,88 @@ def write_report(
     return paths
 
 
-def write_run_reports(run: RunAnalysis, out_dir: str | Path) -> dict[str, dict[str, Path]]:
-    """Write everything a run produced into ``out_dir``: the fitted estimator (when the run fitted one,
-    ``club_fitted.safetensors``; the reports then name it), the embeddings file, and one report per analysis
-    (``emi_report_<benchmark or task>.*``). Returns {report name: {kind: path}} plus ``"run"`` with the
-    embeddings and estimator paths. Updates ``run`` with the estimator's saved path."""
+RUN_ID_FORMAT = "%Y%m%d_%H%M%S"  # lmms-eval's own results-file date format
+
+
+def new_run_id() -> str:
+    """A run id for a run without an lmms-eval results file (``score``, ``analyze``): the local time."""
+    return time.strftime(RUN_ID_FORMAT)
+
+
+class _PrefixTaken(Exception):
+    """Another run already published files under this prefix."""
+
+
+def write_run_reports(
+    run: RunAnalysis, out_dir: str | Path, *, run_id: str | None = None
+) -> dict[str, dict[str, Path]]:
+    """Write everything a run produced into ``out_dir``, every name prefixed with the run's id: the
+    embeddings file (``<id>_emi_embeddings.safetensors``), the fitted estimator when the run fitted one
+    (``<id>_club_fitted.safetensors``; the reports then name it) and one report per analysis
+    (``<id>_emi_report_<benchmark or task>.*``).
+
+    ``run_id``: for an lmms-eval run the date id of its results file (``<id>_results.json``), so the
+    artifacts sit beside the record that points at them; default :func:`new_run_id`. No file of another run
+    is ever replaced: the files are written to a private staging folder and published with hard links that
+    refuse existing names; when the id is taken (two runs in one second), ``<id>-2``, ``<id>-3``, ... is
+    used. Returns {report name: {kind: path}} plus ``"run"`` with the embeddings and estimator paths.
+    Updates ``run`` with the estimator's saved path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    if run.estimator.source == "fitted":
-        saved = run.club.save(out / FITTED_CHECKPOINT_NAME, run.club.make_manifest(run.encoder_spec))
-        run.estimator = replace(run.estimator, path=str(saved))
-        run.benchmarks = {k: a.with_context(estimator=run.estimator) for k, a in run.benchmarks.items()}
-        run.singles = {k: a.with_context(estimator=run.estimator) for k, a in run.singles.items()}
-        files["estimator"] = saved
-    files["embeddings"] = save_embeddings(
-        run.embeddings, out / EMBEDDINGS_FILE, encoders=run.encoder_spec, extra=run.metadata
-    )
-    written = {name: write_report(analysis, out, prefix=name) for name, analysis in run.analyses.items()}
+    base = run_id or new_run_id()
+    for attempt in range(1, 1000):
+        prefix = base if attempt == 1 else f"{base}-{attempt}"
+        try:
+            return _publish_run_reports(run, out, prefix)
+        except _PrefixTaken:
+            continue
+    raise FileExistsError(f"{out}: no free run id after {base}-999")
+
+
+def _publish_run_reports(run: RunAnalysis, out: Path, prefix: str) -> dict[str, dict[str, Path]]:
+    embeddings_name = f"{prefix}_{EMBEDDINGS_FILE}"
+    if (out / embeddings_name).exists():
+        raise _PrefixTaken
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=f".{prefix}_staging_"))
+    try:
+        staged: list[str] = []  # names in publishing order: the embeddings file first claims the prefix
+        files: dict[str, Path] = {}
+        save_embeddings(
+            run.embeddings, staging / embeddings_name, encoders=run.encoder_spec, extra=run.metadata
+        )
+        staged.append(embeddings_name)
+        files["embeddings"] = out / embeddings_name
+        if run.estimator.source == "fitted":
+            name = f"{prefix}_{FITTED_CHECKPOINT_NAME}"
+            run.club.save(staging / name, run.club.make_manifest(run.encoder_spec))
+            staged.append(name)
+            files["estimator"] = out / name
+            run.estimator = replace(run.estimator, path=str(out / name), sha256=file_sha256(staging / name))
+            run.benchmarks = {k: a.with_context(estimator=run.estimator) for k, a in run.benchmarks.items()}
+            run.singles = {k: a.with_context(estimator=run.estimator) for k, a in run.singles.items()}
+        written: dict[str, dict[str, Path]] = {}
+        for report_name, analysis in run.analyses.items():
+            paths = write_report(analysis, staging, prefix=f"{prefix}_{report_name}")
+            staged.extend(p.name for p in paths.values())
+            written[report_name] = {kind: out / p.name for kind, p in paths.items()}
+        if run.judge is not None:  # EMI vs the judge's win rate (lmms_emi.report_agreement)
+            level = run.settings.confidence_level
+            model = run.metadata.get("model")
+            name = f"{prefix}_{AGREEMENT_REPORT}"
+            paths = write_agreement_report(run.judge, staging, prefix=name, model=model, level=level)
+            staged.extend(p.name for p in paths.values())
+            written[AGREEMENT_REPORT] = {kind: out / p.name for kind, p in paths.items()}
+        for i, name in enumerate(staged):
+            try:
+                os.link(staging / name, out / name)
+            except FileExistsError:
+                if i == 0:
+                    raise _PrefixTaken from None
+                raise FileExistsError(
+                    f"{out / name} appeared while this run was writing its reports; nothing overwritten"
+                ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     written["run"] = files
     return written
 
@@ -291,4 +371,6 @@ def format_headlines(run: RunAnalysis) -> list[str]:
             f"worst {f(s['worst_emid'])}; r(EMID, bound) {f(s['pearson_r'])} over {s['n_ood_tasks']} OOD "
             "tasks"
         )
+    if run.judge is not None:
+        lines.append(agreement_headline(run.judge))
     return lines

@@ -15,6 +15,17 @@ def reference_dir() -> Path:
     return Path(os.environ.get("LMMS_EMI_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_estimator_download(tmp_path_factory) -> None:
+    """No test downloads a registered estimator: a run whose encoders have one (the paper's) looks in an empty
+    cache of this session, then at a mirror that refuses connections (subprocesses inherit both)."""
+    for var, value in (
+        ("LMMS_EMI_ESTIMATOR_CACHE", str(tmp_path_factory.mktemp("estimator_cache"))),
+        ("LMMS_EMI_ESTIMATORS_MIRROR", "http://127.0.0.1:9/no-download-in-tests"),
+    ):
+        os.environ.setdefault(var, value)
+
+
 @pytest.fixture(scope="session")
 def reference_checkpoint() -> Path:
     """The paper's pre-trained CLUB state dict (``CLUB_global.pt``)."""

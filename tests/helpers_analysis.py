@@ -40,3 +40,12 @@ def small_club(d: int = 16, seed: int = 0) -> CLUB:
     club.reset_parameters(seed)
     club.load_state_dict(club.state_dict())
     return club.eval()
+
+
+def artifact(folder, name: str):
+    """The one file of a run named ``<run id>_<name>`` in ``folder`` (a run's files carry its id)."""
+    from pathlib import Path
+
+    matches = sorted(Path(folder).glob(f"*_{name}"))
+    assert len(matches) == 1, (folder, name, [p.name for p in matches])
+    return matches[0]

@@ -326,3 +326,76 @@ def test_plan_groups_by_benchmark_in_run_order():
     ]
     assert plan.singles == (sc.scenarios("natural")[3].task, "mme")
     assert len(plan.warnings) == 1 and "natural" in plan.warnings[0]
+
+
+# --- degenerate inputs and estimators are flagged per task (issue 9) -------------------------------------
+def _warned(result, task: str, fragment: str) -> bool:
+    return any(fragment in w for w in result.task(task).warnings)
+
+
+def test_clean_tasks_carry_no_warnings(tasks, club):
+    res = analyze_shift(tasks, ID_TASK, club, n_resamples=20)
+    assert all(t.warnings == () for t in res.tasks)
+    assert res.to_dict()["tasks"][0]["warnings"] == []
+
+
+def test_a_tiny_split_gets_no_interval_and_a_warning(club):
+    from lmms_emi.pipeline.shift import MIN_INTERVAL_SAMPLES
+
+    small = shifted_tasks(3, n=MIN_INTERVAL_SAMPLES - 1)
+    res = analyze_shift(small, ID_TASK, club, n_resamples=50)
+    for row in res.tasks:
+        assert row.emi is not None and row.emi_ci is None and row.emid_ci is None
+        assert _warned(res, row.task, f"only {MIN_INTERVAL_SAMPLES - 1} samples: no bootstrap interval")
+    enough = analyze_shift(shifted_tasks(3, n=MIN_INTERVAL_SAMPLES), ID_TASK, club, n_resamples=50)
+    assert all(t.emi_ci is not None and t.warnings == () for t in enough.tasks)
+
+
+def test_identical_or_zero_embeddings_are_flagged(tasks, club):
+    ood = [t for t in tasks if t != ID_TASK]
+    emb = dict(tasks)
+    z = emb[ood[0]]
+    emb[ood[0]] = TaskEmbeddings(z.z_v, z.z_t, z.z_model[:1].expand_as(z.z_model).clone(), z.z_ref)
+    z = emb[ood[1]]
+    emb[ood[1]] = TaskEmbeddings(torch.zeros_like(z.z_v), z.z_t, z.z_model, z.z_ref)
+    z = emb[ood[2]]
+    emb[ood[2]] = TaskEmbeddings(z.z_v, z.z_t[:1].expand_as(z.z_t).clone(), z.z_model, z.z_ref)
+    with pytest.raises(ValueError, match=f"task '{ood[1]}': all 24 image-query embeddings are zero"):
+        analyze_shift(emb, ID_TASK, club, n_resamples=0)
+    del emb[ood[1]]
+    res = analyze_shift(emb, ID_TASK, club, n_resamples=0)
+    assert _warned(res, ood[0], "all 24 response embeddings are identical")
+    assert _warned(res, ood[2], "all 24 text-query embeddings are identical")
+    assert all(t.warnings == () for t in res.tasks if t.task not in ood[:3])
+
+
+def test_a_degenerate_estimator_is_flagged_on_every_task(tasks):
+    flat = small_club()
+    with torch.no_grad():
+        flat.p_mu[2].weight.zero_()  # μ(x), σ²(x) constant (their biases): every MI estimate is 0
+        flat.p_logvar[2].weight.zero_()
+    res = analyze_shift(tasks, ID_TASK, flat, n_resamples=0)
+    for row in res.tasks:
+        assert row.mi_model == pytest.approx(0, abs=1e-9) and row.mi_ref == pytest.approx(0, abs=1e-9)
+        assert _warned(res, row.task, "the estimator's μ(x) is constant")
+        assert _warned(res, row.task, "EMI is 0 on every task")
+    saturated = small_club()
+    with torch.no_grad():
+        saturated.p_logvar[2].bias.fill_(50.0)  # log σ² pinned at its bound +1 everywhere
+    res = analyze_shift(tasks, ID_TASK, saturated, n_resamples=0)
+    assert all(_warned(res, t.task, "log σ²(x) sits at its bound") for t in res.tasks)
+
+
+def test_empty_and_blank_responses_are_counted_per_task():
+    from lmms_emi.pipeline.shift import response_warnings
+
+    def rows(task, answers):
+        return [Sample(task, i, None, "q", a, "ref") for i, a in enumerate(answers)]
+
+    notes = response_warnings(
+        {"a": rows("a", ["", " \n", "x", "y"]), "b": rows("b", ["", "\t"]), "c": rows("c", ["x", "y"])}
+    )
+    assert notes == {
+        "a": ["2 of 4 responses are empty or whitespace"],
+        "b": ["all 2 responses are empty or whitespace: EMI measures nothing of the model"],
+    }

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_analysis import artifact
 
 from lmms_emi.cli import main
 
@@ -79,7 +80,7 @@ def test_demo_data_layout(demo):
 
 
 def test_score_end_to_end(scored):
-    report = json.loads((scored / "emi_report_synthetic.json").read_text())
+    report = json.loads(artifact(scored, "emi_report_synthetic.json").read_text())
     assert report["id_task"] == ID_TASK
     assert report["tasks"][0]["task"] == ID_TASK and len(report["tasks"]) == 4
     assert report["metadata"]["model"] == "demo-model"  # the only model in the folder
@@ -95,8 +96,8 @@ def test_score_end_to_end(scored):
         "emi_report_synthetic.png",
         "club_fitted.safetensors",
     ):
-        assert (scored / name).is_file()
-    assert (scored / "emi_embeddings.safetensors").is_file()
+        assert artifact(scored, name).is_file()
+    assert artifact(scored, "emi_embeddings.safetensors").is_file()
     assert not [p for p in scored.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -105,8 +106,8 @@ def test_score_is_deterministic(demo, encoders, scored, tmp_path):
     args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
     legacy = [{"--vision-encoder": "--vision", "--text-encoder": "--text"}.get(a, a) for a in encoders]
     assert main([*args, *legacy, *LEGACY_FAST, "--output", str(tmp_path)]) == 0
-    a = json.loads((scored / "emi_report_synthetic.json").read_text())
-    b = json.loads((tmp_path / "emi_report_synthetic.json").read_text())
+    a = json.loads(artifact(scored, "emi_report_synthetic.json").read_text())
+    b = json.loads(artifact(tmp_path, "emi_report_synthetic.json").read_text())
     strip = lambda d: {k: v for k, v in d.items() if k != "estimator"}  # noqa: E731 (paths differ)
     assert strip(a) == strip(b)
 
@@ -124,10 +125,10 @@ def test_train_estimator_then_score_with_it(demo, encoders, scored, tmp_path, ca
     args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
     out_dir = tmp_path / "frozen_report"
     assert main([*args, *encoders, *FAST, "--estimator", str(ckpt), "--output-path", str(out_dir)]) == 0
-    report = json.loads((out_dir / "emi_report_synthetic.json").read_text())
+    report = json.loads(artifact(out_dir, "emi_report_synthetic.json").read_text())
     assert report["estimator"]["source"] == "checkpoint" and report["estimator"]["comparability"] == "global"
     assert report["estimator"]["path"] == str(ckpt)
-    assert not (out_dir / "club_fitted.safetensors").exists()
+    assert not list(out_dir.glob("*club_fitted.safetensors"))
 
 
 def test_analyze_run_folder_matches_score(demo, encoders, scored, tmp_path):
@@ -167,7 +168,7 @@ def test_analyze_run_folder_matches_score(demo, encoders, scored, tmp_path):
     results = {"configs": configs, "config": {"model": "emi_replay", "model_args": "model_name=demo-model"}}
     (run / f"{date}_results.json").write_text(json.dumps(results))
 
-    est = scored / "club_fitted.safetensors"
+    est = artifact(scored, "club_fitted.safetensors")
     out = tmp_path / "analysis"
     args = [
         "analyze",
@@ -180,8 +181,8 @@ def test_analyze_run_folder_matches_score(demo, encoders, scored, tmp_path):
         str(out),
     ]
     assert main(args) == 0
-    got = json.loads((out / "emi_report_synthetic.json").read_text())
-    want = json.loads((scored / "emi_report_synthetic.json").read_text())
+    got = json.loads(artifact(out, "emi_report_synthetic.json").read_text())
+    want = json.loads(artifact(scored, "emi_report_synthetic.json").read_text())
     assert got["metadata"]["model"] == "demo-model"
     assert [t["task"] for t in got["tasks"]] == [t["task"] for t in want["tasks"]]
     for g, w in zip(got["tasks"], want["tasks"], strict=True):
@@ -197,12 +198,12 @@ def test_score_from_parquet_copy(demo, encoders, scored, tmp_path):
     for split in SCENARIOS:
         dd[split].to_parquet(str(tmp_path / "pq" / f"{split}.parquet"))
     args = ["score", "--dataset", str(tmp_path / "pq"), "--responses", str(demo / "responses")]
-    est = scored / "club_fitted.safetensors"
+    est = artifact(scored, "club_fitted.safetensors")
     assert (
         main([*args, *encoders, *FAST, "--estimator", str(est), "--output-path", str(tmp_path / "out")]) == 0
     )
-    got = json.loads((tmp_path / "out" / "emi_report_synthetic.json").read_text())
-    want = json.loads((scored / "emi_report_synthetic.json").read_text())
+    got = json.loads(artifact(tmp_path / "out", "emi_report_synthetic.json").read_text())
+    want = json.loads(artifact(scored, "emi_report_synthetic.json").read_text())
     assert [t["emi"] for t in got["tasks"]] == [t["emi"] for t in want["tasks"]]
     assert [t["bound"] for t in got["tasks"]] == [t["bound"] for t in want["tasks"]]
 
@@ -490,7 +491,7 @@ def test_score_analyze_and_eval_give_the_same_report(encoders, tmp_path, capsys)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = next((tmp_path / "out").rglob("emi_report_natural.json")).parent
+    run_dir = next((tmp_path / "out").rglob("*_emi_report_natural.json")).parent
     assert (
         main(["analyze", str(tmp_path / "out"), *encoders, *common, "--output-path", str(tmp_path / "post")])
         == 0
@@ -509,7 +510,7 @@ def test_score_analyze_and_eval_give_the_same_report(encoders, tmp_path, capsys)
     )
 
     def comparable(folder: Path) -> dict:
-        report = json.loads((folder / "emi_report_natural.json").read_text())
+        report = json.loads(artifact(folder, "emi_report_natural.json").read_text())
         report.pop("metadata")
         report["estimator"].pop("path")
         return report

@@ -352,3 +352,79 @@ def test_weighted_estimate_of_several_targets_equals_one_at_a_time() -> None:
     assert both.shape == (2, 6)
     assert torch.equal(both[0], weighted_club_mutual_information(mu, logvar, y1, counts))
     assert torch.equal(both[1], weighted_club_mutual_information(mu, logvar, y2, counts))
+
+
+# --- checkpoint integrity (issue 9) --------------------------------------------------------------------
+def _rewrite_safetensors(src, dst, *, state=None, manifest=None) -> None:
+    """Copy a project checkpoint with its tensors and/or manifest JSON replaced (bypassing ``save``)."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    with safe_open(str(src), framework="pt") as fh:
+        metadata = dict(fh.metadata())
+    if manifest is not None:
+        metadata[club_module.MANIFEST_KEY] = manifest
+    save_file(state if state is not None else load_file(str(src)), str(dst), metadata=metadata)
+
+
+def test_flipped_bits_in_the_weights_fail_the_checksum(tmp_path):
+    club = seeded_club(8, 8, 16)
+    good = club.save(tmp_path / "good.safetensors", club.make_manifest(ENCODERS))
+    assert len(club.manifest_.tensors_sha256) == 64
+    data = bytearray(good.read_bytes())
+    for offset in (-5, -301, -777):  # inside the tensor payload, at the end of the file
+        data[offset] ^= 0b0100_0000  # an exponent bit of a float32
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"flipped\.safetensors: its tensors do not match the checksum"):
+        CLUB.from_checkpoint(flipped, encoders=ENCODERS)
+    assert CLUB.from_checkpoint(good, encoders=ENCODERS).manifest_ == club.manifest_
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
+    import json
+
+    club = seeded_club(8, 8, 16)
+    good = club.save(tmp_path / "good.safetensors", club.make_manifest(ENCODERS))
+    old = json.loads(club.manifest_.to_json())
+    del old["tensors_sha256"]
+    legacy = tmp_path / "legacy.safetensors"
+    _rewrite_safetensors(good, legacy, manifest=json.dumps(old))
+    loaded = CLUB.from_checkpoint(legacy, encoders=ENCODERS)
+    assert loaded.manifest_.tensors_sha256 == ""
+    x = unit_rows(10, 8, 1)
+    assert loaded.mutual_information(x, x) == club.mutual_information(x, x)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"x_dim": "8"}, r"manifest field x_dim must be an integer, got '8'"),
+        ({"hidden_size": True}, r"manifest field hidden_size must be an integer, got True"),
+        ({"encoders": ["vision"]}, r"manifest field encoders must be an object"),
+        ({"data_fingerprint": 5}, r"manifest field data_fingerprint must be a string"),
+        ({"tensors_sha256": 5}, r"manifest field tensors_sha256 must be a string"),
+        ({"x_dim": 9}, r"manifest says x_dim=9 but its tensors have x_dim=8"),
+        ({"hidden_size": 32}, r"manifest says hidden_size=32 but its tensors have hidden_size=16"),
+        ({"format": "other"}, r"format 'other'"),
+    ],
+)
+def test_a_manifest_with_wrong_types_or_dims_is_one_checkpoint_error(tmp_path, change, message):
+    import json
+
+    club = seeded_club(8, 8, 16)
+    good = club.save(tmp_path / "good.safetensors", club.make_manifest(ENCODERS))
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_safetensors(good, bad, manifest=json.dumps({**json.loads(club.manifest_.to_json()), **change}))
+    with pytest.raises(CheckpointError, match=message) as info:
+        CLUB.from_checkpoint(bad)
+    assert "\n" not in str(info.value) and "bad.safetensors" in str(info.value)
+
+
+def test_a_manifest_that_is_not_a_json_object_is_one_checkpoint_error(tmp_path):
+    club = seeded_club(8, 8, 16)
+    good = club.save(tmp_path / "good.safetensors", club.make_manifest(ENCODERS))
+    for text in ("[1, 2]", "{not json", "null"):
+        bad = tmp_path / "bad.safetensors"
+        _rewrite_safetensors(good, bad, manifest=text)
+        with pytest.raises(CheckpointError, match="unreadable manifest"):
+            CLUB.from_checkpoint(bad)

@@ -125,11 +125,14 @@ def test_results_file_has_emi_per_task(single: dict) -> None:
         n = results["n-samples"][task]["effective"]
         assert entry["emi_n,none"] == n and n >= 4
         assert math.isfinite(entry["emi,none"])
-        assert entry["emi_ci_low,none"] <= entry["emi_ci_high,none"]
+        if n >= 5:
+            assert entry["emi_ci_low,none"] <= entry["emi_ci_high,none"]
+        else:  # too few samples for a bootstrap interval: None, and said so
+            assert entry["emi_ci_low,none"] is None and "no bootstrap interval" in entry["emi_warnings"][0]
     assert results["results"][ID_TASK]["emid,none"] is None
     for task in OOD_TASKS:
         entry = results["results"][task]
-        for key in ("emid,none", "emid_bound,none", "emid_bound_partial,none", "emid_ci_low,none"):
+        for key in ("emid,none", "emid_bound,none", "emid_bound_partial,none"):
             assert math.isfinite(entry[key]), (task, key)
         assert entry["emid_bound,none"] >= entry["emid_bound_partial,none"] >= 0
         assert entry["emid,none"] == pytest.approx(
@@ -157,10 +160,12 @@ def test_group_entry_has_emid_bound_and_pearson(single: dict) -> None:
 
 def test_reports_written_and_consistent(single: dict) -> None:
     folder = single["path"].parent
-    stem = folder / "emi_report_natural"
+    stem = Path(single["results"]["lmms_emi"]["reports"]["emi_report_natural"]["json"]).with_suffix("")
+    assert stem.parent == folder and stem.name.endswith("emi_report_natural")
     for suffix in (".json", ".csv", ".md", ".png"):
         assert stem.with_suffix(suffix).is_file() and stem.with_suffix(suffix).stat().st_size > 0, suffix
-    assert (folder / "club_fitted.safetensors").is_file()
+    fitted = Path(single["results"]["lmms_emi"]["estimator"]["path"])
+    assert fitted.parent == folder and fitted.name.endswith("club_fitted.safetensors") and fitted.is_file()
     report = json.loads(stem.with_suffix(".json").read_text())
     results = single["results"]["results"]
     assert report["id_task"] == ID_TASK
@@ -193,7 +198,7 @@ def test_numbers_match_the_library(single: dict, setup: dict[str, Path]) -> None
         device="cpu", progress=False,
     )  # fmt: skip
     club = CLUB.from_checkpoint(
-        single["path"].parent / "club_fitted.safetensors", encoders=embedder.encoder_spec()
+        single["results"]["lmms_emi"]["estimator"]["path"], encoders=embedder.encoder_spec()
     )
     dd = datasets.load_from_disk(str(setup["data"]))
     emb = {}
@@ -292,7 +297,7 @@ def test_estimator_encoder_mismatch_is_a_clear_error(
     assert proc.returncode == 2
     (line,) = _error_lines(proc)
     assert str(reference_checkpoint) in line
-    assert not out.exists()
+    assert not out.exists() or not any(out.iterdir())  # nothing written
 
 
 def test_metrics_emi_scores_another_task_without_a_judge(setup: dict[str, Path]) -> None:
@@ -324,14 +329,15 @@ def test_metrics_emi_scores_another_task_without_a_judge(setup: dict[str, Path])
     entry = results["results"]["my_vqa_emi_e2e"]
     assert math.isfinite(entry["emi,none"]) and entry["emi_n,none"] == 8
     assert not any(k.startswith("exact_match") for k in entry)
-    assert (path.parent / "emi_report_my_vqa_emi_e2e.json").is_file()
+    report = Path(results["lmms_emi"]["reports"]["emi_report_my_vqa_emi_e2e"]["json"])
+    assert report.parent == path.parent and report.is_file()
 
 
 def test_given_estimator_numbers_inside_lmms_eval(single: dict, setup: dict[str, Path]) -> None:
     """With ``--estimator`` (the checkpoint the first run fitted) nothing is trained: the per-task aggregation
     inside lmms-eval already returns EMI / EMID / bound (lmms-eval's printed table), equal to the final
     ones."""
-    ckpt = single["path"].parent / "club_fitted.safetensors"
+    ckpt = Path(single["results"]["lmms_emi"]["estimator"]["path"])
     out = setup["root"] / "out_ckpt_ok"
     args = ["--tasks", GROUP, "--estimator", str(ckpt), "--no_builtin_tasks"]
     proc = _run([*_cli(), *args, *_emi_args(setup, out)], cwd=setup["root"])
@@ -339,7 +345,7 @@ def test_given_estimator_numbers_inside_lmms_eval(single: dict, setup: dict[str,
     _, results = _results(out)
     est = results["lmms_emi"]["estimator"]
     assert est["source"] == "checkpoint" and est["comparability"] == "global" and est["path"] == str(ckpt)
-    assert not (out / MODEL / "club_fitted.safetensors").exists()
+    assert not list(out.rglob("*club_fitted*"))
     table = {}  # lmms-eval's own table, printed before the launcher rewrites the results file
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -353,3 +359,75 @@ def test_given_estimator_numbers_inside_lmms_eval(single: dict, setup: dict[str,
             assert got == final if final is None else got == pytest.approx(final, rel=1e-6, abs=1e-9)
             shown = table[(task, key)]
             assert shown == ("N/A" if final is None else f"{final:.4f}"), (task, key, shown)
+
+
+def _run_files(results_file: Path, results: dict) -> list[Path]:
+    """Every file the run's results JSON points at."""
+    files = [Path(p) for r in results["lmms_emi"]["reports"].values() for p in r.values()]
+    return [*files, results_file]
+
+
+def test_runs_sharing_an_output_folder_never_touch_each_others_files(setup: dict[str, Path]) -> None:
+    """Two runs at once into one --output_path (then a third after them): every run gets its own results
+    file (lmms-eval's one-second date id is claimed exclusively) and its own prefixed artifacts, each
+    results JSON points at files holding its own numbers, and a later run changes no earlier file."""
+    import hashlib
+
+    out = setup["root"] / "out_shared"
+    args = ["--tasks", ID_TASK, "--no_builtin_tasks"]
+    procs = [
+        subprocess.Popen(
+            [*_cli(), *args, *_emi_args(setup, out, "--bootstrap", str(n))],
+            cwd=setup["root"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for n in (30, 31)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+    first = sorted(out.rglob("*_results.json"))
+    assert len(first) == 2, first
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    before = {p: digest(p) for p in out.rglob("*") if p.is_file()}
+    seen: set[Path] = set()
+    for path in first:
+        results = json.loads(path.read_text())
+        n = results["lmms_emi"]["options"]["bootstrap"]
+        date_id = path.name[: -len("_results.json")]
+        files = _run_files(path, results)
+        assert all(f.is_file() and f.name.startswith(date_id + "_") for f in files), files
+        assert not seen & set(files)
+        seen |= set(files)
+        report = json.loads(Path(results["lmms_emi"]["reports"]["emi_report_natural"]["json"]).read_text())
+        assert report["settings"]["n_resamples"] == n  # the file holds this run's numbers
+    third = _run([*_cli(), *args, *_emi_args(setup, out, "--bootstrap", "32")], cwd=setup["root"])
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert len(sorted(out.rglob("*_results.json"))) == 3
+    assert {p: digest(p) for p in before} == before  # nothing of the first two runs changed
+    assert not [p for p in out.rglob(".*")]  # no staging folder or temp file left
+
+
+def test_a_killed_runs_task_folder_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """A run killed with SIGKILL cannot remove its private task-folder copy; the next run does."""
+    import tempfile
+
+    from lmms_emi._io import scratch_dir
+    from lmms_emi.harness.launch import SCRATCH_PREFIX
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = Path(tempfile.gettempdir()) / f"{SCRATCH_PREFIX}{dead.pid}_x1"
+    stale.mkdir()
+    mine = scratch_dir(SCRATCH_PREFIX)
+    try:
+        assert not stale.exists()
+        assert mine.is_dir() and mine.name.startswith(f"{SCRATCH_PREFIX}{os.getpid()}_")
+        assert scratch_dir(SCRATCH_PREFIX) != mine and mine.is_dir()  # a live process's folder is kept
+    finally:
+        import shutil
+
+        for p in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}{os.getpid()}_*"):
+            shutil.rmtree(p)

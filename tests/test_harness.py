@@ -76,7 +76,7 @@ def test_names_do_not_collide_with_builtin_tasks() -> None:
     import lmms_eval
 
     root = Path(lmms_eval.__file__).parent / "tasks"
-    ours = set(launch.plugin_names())
+    ours = set(make_tasks.plugin_names())
     for path in root.rglob("*.yaml"):
         text = path.read_text(errors="ignore")
         for line in text.splitlines():
@@ -429,3 +429,18 @@ def test_theorem_bound_used_with_an_entropy_scale() -> None:
     results = {"results": {task: {}}, "group_subtasks": {task: []}}
     out = update_results(results, emb_run, extra={}, reports={})
     assert out["results"][task]["emid_bound,none"] == pytest.approx(10 * base.tasks[1].bound)
+
+
+def test_plain_run_options_from_short_environment_variables():
+    from lmms_emi.harness.options import EMIOptions
+
+    env = {
+        "LMMS_EMI_OPTIONS": '{"bootstrap": 50, "estimator": "x.pt"}',
+        "LMMS_EMI_ESTIMATOR": "paper-global",
+        "LMMS_EMI_JUDGE": "yes",
+        "LMMS_EMI_JUDGE_MODEL": "judge-1",
+    }
+    opts = EMIOptions.for_plain_run(env)
+    got = (opts.bootstrap, opts.estimator, opts.judge, opts.judge_model)
+    assert got == (50, "paper-global", True, "judge-1")
+    assert EMIOptions.for_plain_run({"LMMS_EMI_JUDGE": "0"}).judge is False

@@ -44,6 +44,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = (root / "dist").glob("lmms_emi-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "lmms_emi/tasks/llavabench_shift/_lbshift_base.yaml" in names
+    assert "lmms_emi/estimator_ckpt/registry.json" in names  # the registered estimators (--estimator NAME)
     assert sum(n.startswith("lmms_emi/tasks/") and n.endswith(".yaml") for n in names) == 74
     target = root / "site"
     inst = subprocess.run(
@@ -81,7 +82,8 @@ def test_installed_wheel_lists_the_tasks(installed: Path) -> None:
     proc = _run(installed, "-m", "lmms_emi.cli", "eval", "--tasks", "list", "--no_builtin_tasks")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     listing = proc.stdout + proc.stderr
-    assert str(installed / "lmms_emi" / "tasks") in listing  # lmms-eval's "Including path" line
+    where = _run(installed, "-m", "lmms_emi.cli", "tasks-path")  # the folder appended to lmms-eval's index
+    assert where.returncode == 0 and where.stdout.strip() == str(installed / "lmms_emi" / "tasks"), where
     names = (
         "lbshift_syn_llava_bench_coco_frost_5_KeyboardAug_3",
         "lbshift_nat_llava_bench_in_the_wild_hard_Hindi",

@@ -7,6 +7,9 @@ Subcommands::
     lmms-emi score ...                EMI / EMID / bound from saved response files against a dataset
     lmms-emi train-estimator ...      fit and freeze one CLUB estimator (leaderboards) from saved embeddings
     lmms-emi demo-data DIR            build the offline demo dataset and a demo model's responses
+    lmms-emi tasks-path               the plugin's lmms-eval task folder (for --include_path)
+    lmms-emi leaderboard RUNS...      merge several runs' results JSON into one EMI leaderboard
+    lmms-emi estimators               the registered pre-trained estimators and which are cached
 
 Errors a user can fix (:class:`lmms_emi.errors.LmmsEmiError` and bad values) print one line on stderr and
 exit with the error's code (2 for usage errors, 1 for a failed run); ``--debug`` (or ``LMMS_EMI_DEBUG=1``)
@@ -20,13 +23,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lmms_emi.cli import analyze, demo_data, score, train_estimator
+from lmms_emi.cli import analyze, demo_data, estimators, leaderboard, score, tasks_path, train_estimator
 from lmms_emi.cli import eval as eval_command
 from lmms_emi.errors import EXIT_INTERRUPTED, EXIT_USAGE, LmmsEmiError, one_line
 
 __all__ = ["build_parser", "main"]
 
-_SUBCOMMANDS = (analyze, score, train_estimator, demo_data)
+_SUBCOMMANDS = (analyze, score, train_estimator, demo_data, leaderboard, tasks_path, estimators)
 
 
 def build_parser() -> argparse.ArgumentParser:

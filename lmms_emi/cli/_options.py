@@ -5,11 +5,13 @@ underscore spelling (lmms-eval's style); earlier spellings stay as hidden aliase
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from lmms_emi.embed import Embedder
-from lmms_emi.pipeline.estimator import EstimatorPolicy
+from lmms_emi.judge import API_KEY_ENV, JudgeConfig
+from lmms_emi.pipeline.estimator import DEFAULT_PATIENCE, EstimatorPolicy
 from lmms_emi.pipeline.shift import AnalysisSettings
 from lmms_emi.sources.datasets import quiet_hub
 
@@ -18,10 +20,13 @@ __all__ = [
     "add_analysis_options",
     "add_encoder_options",
     "add_estimator_options",
+    "add_judge_options",
     "add_option",
     "add_output_options",
     "build_embedder",
     "cache_setting",
+    "export_judge_key",
+    "judge_config_from",
     "policy_from",
     "settings_from",
 ]
@@ -92,8 +97,9 @@ def add_estimator_options(p: argparse.ArgumentParser, *, legacy: bool = True, es
     if estimator:
         g.add_argument(
             "--estimator",
-            help="CLUB checkpoint (project format or the paper's CLUB_global.pt); 'fit' to fit one on this "
-            "run. Default: a shipped checkpoint matching the encoders, else fit one on this run",
+            help="a registered estimator (e.g. paper-global; `lmms-emi estimators` lists them), a CLUB "
+            "checkpoint (project format or the paper's CLUB_global.pt), or 'fit' to fit one on this run. "
+            "Default: the estimator registered for the encoders (downloaded once), else fit one on this run",
         )
     add_option(
         g,
@@ -101,7 +107,15 @@ def add_estimator_options(p: argparse.ArgumentParser, *, legacy: bool = True, es
         old=("--steps",) if legacy else (),
         type=int,
         default=5000,
-        help="CLUB training steps when one is fitted",
+        help="CLUB training steps when one is fitted (the most, with early stopping)",
+    )
+    add_option(
+        g,
+        "--estimator-patience",
+        type=int,
+        default=DEFAULT_PATIENCE,
+        help="a fitted CLUB stops after this many held-out evaluations (every 100 steps) without "
+        "improvement; 0: exactly --estimator-steps steps, the paper's recipe",
     )
     add_option(
         g,
@@ -167,8 +181,50 @@ def build_embedder(ns: argparse.Namespace) -> Embedder:
 
 
 def policy_from(ns: argparse.Namespace) -> EstimatorPolicy:
-    return EstimatorPolicy(ns.estimator, steps=ns.estimator_steps, seed=ns.emi_seed, progress=not ns.quiet)
+    return EstimatorPolicy(
+        ns.estimator,
+        steps=ns.estimator_steps,
+        seed=ns.emi_seed,
+        progress=not ns.quiet,
+        patience=ns.estimator_patience or None,
+    )
 
 
 def settings_from(ns: argparse.Namespace) -> AnalysisSettings:
     return AnalysisSettings(ns.entropy_scale, ns.bootstrap, ns.confidence, ns.emi_seed)
+
+
+def add_judge_options(p: argparse.ArgumentParser) -> None:
+    """``--judge`` and its settings (an OpenAI-compatible chat-completions judge; ``lmms_emi.judge``)."""
+    g = p.add_argument_group("judge (win rate against the reference; off by default)")
+    g.add_argument("--judge", action="store_true", help="score responses with the judge: win rate, agreement")
+    add_option(g, "--judge-model", help="judge model (default $MODEL_VERSION, else gpt-4o-2024-11-20)")
+    add_option(g, "--judge-base-url", help="API base URL up to /v1 (default $OPENAI_API_URL, else OpenAI's)")
+    add_option(g, "--judge-api-key", help="API key (default $OPENAI_API_KEY); never written to results")
+    add_option(g, "--judge-concurrency", type=int, default=8, help="judge calls in flight at once")
+    add_option(g, "--judge-cache", help="judge answer cache folder or 'off' (~/.cache/lmms_emi/judge)")
+    add_option(g, "--judge-timeout", type=float, default=60.0, help="seconds per judge call")
+    add_option(
+        g, "--judge-max-attempts", type=int, default=4, help="calls per sample before it is excluded"
+    )
+
+
+def export_judge_key(ns: argparse.Namespace) -> None:
+    """Hand ``--judge-api-key`` to this process and its children through the environment (not options)."""
+    if getattr(ns, "judge_api_key", None):
+        os.environ[API_KEY_ENV] = ns.judge_api_key
+
+
+def judge_config_from(ns: argparse.Namespace) -> JudgeConfig | None:
+    """The judge's config of ``--judge`` (None without it)."""
+    if not getattr(ns, "judge", False):
+        return None
+    return JudgeConfig.resolve(
+        model=ns.judge_model,
+        base_url=ns.judge_base_url,
+        api_key=ns.judge_api_key,
+        concurrency=ns.judge_concurrency,
+        cache_dir=ns.judge_cache,
+        timeout=ns.judge_timeout,
+        max_attempts=ns.judge_max_attempts,
+    )

@@ -12,8 +12,10 @@ from lmms_emi.cli._options import (
     add_analysis_options,
     add_encoder_options,
     add_estimator_options,
+    add_judge_options,
     add_option,
     cache_setting,
+    export_judge_key,
 )
 from lmms_emi.errors import EXIT_OK
 from lmms_emi.harness.launch import run_eval
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_encoder_options(p, legacy=False)
     add_estimator_options(p, legacy=False)
     add_analysis_options(p)
+    add_judge_options(p)
     g = p.add_argument_group("run")
     g.add_argument(
         "--data",
@@ -47,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics", help="'emi': attach the EMI metric to the other (non-plugin) tasks of --tasks"
     )
     add_option(g, "--report-dir", help="where the EMI reports go (default: next to the results JSON)")
+    add_option(
+        g,
+        "--emi-id-task",
+        metavar="TASK",
+        help="the in-distribution task of your own --metrics emi tasks: EMID and the bounds of the others "
+        "are measured against it (added to --tasks when missing)",
+    )
     add_option(
         g,
         "--no-builtin-tasks",
@@ -74,8 +84,17 @@ def options_from(ns: argparse.Namespace) -> EMIOptions:
         batch_size=ns.emi_batch_size,
         cache_dir=None if cache_setting(ns.emi_cache) is None else ns.emi_cache,
         train_steps=ns.estimator_steps,
+        train_patience=ns.estimator_patience,
         report_dir=ns.report_dir,
         progress=not ns.quiet,
+        id_task=ns.emi_id_task,
+        judge=ns.judge,
+        judge_model=ns.judge_model,
+        judge_base_url=ns.judge_base_url,
+        judge_concurrency=ns.judge_concurrency,
+        judge_cache=ns.judge_cache,
+        judge_timeout=ns.judge_timeout,
+        judge_max_attempts=ns.judge_max_attempts,
     )
 
 
@@ -85,6 +104,7 @@ def run(argv: list[str]) -> int:
         build_parser().print_help()
         print("\nEverything else is passed to lmms-eval; see `lmms-eval eval --help`.")
         return EXIT_OK
+    export_judge_key(ns)  # the key goes to the run's processes through the environment, not the options
     return run_eval(
         options_from(ns),
         lmms_args,

@@ -12,14 +12,18 @@ from lmms_emi.cli._options import (
     add_analysis_options,
     add_encoder_options,
     add_estimator_options,
+    add_judge_options,
     add_option,
     add_output_options,
     build_embedder,
+    judge_config_from,
     policy_from,
     settings_from,
 )
-from lmms_emi.cli._report import check_sizes, finish
+from lmms_emi.cli._report import check_output_dir, check_sizes, finish
 from lmms_emi.errors import UsageError
+from lmms_emi.judge import Judge
+from lmms_emi.pipeline.agreement import JudgeRun
 from lmms_emi.sources.datasets import ColumnNames, load_splits, local_dataset
 from lmms_emi.sources.response_files import collect_samples, only_model
 
@@ -45,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_estimator_options(p)
     add_analysis_options(p)
     add_output_options(p, required=True, help="report folder")
+    add_judge_options(p)
     return p
 
 
@@ -76,11 +81,18 @@ def _scenarios(ns: argparse.Namespace) -> list[sc.Scenario]:
 
 
 def run(ns: argparse.Namespace) -> int:
+    check_output_dir(ns.output_path)  # an unusable report folder fails before any data loads
     scenarios = _scenarios(ns)
     if not Path(ns.responses).is_dir():
         raise UsageError(f"--responses {ns.responses}: no such folder")
     policy, settings = policy_from(ns), settings_from(ns)
     policy.check(None)  # an unreadable checkpoint fails before any data loads
+    judge_config = judge_config_from(ns)
+    judge = None
+    if judge_config is not None:
+        client = Judge(judge_config)
+        client.check()  # an unreachable or misconfigured judge: one line, before any data loads
+        judge = JudgeRun(client, {}, progress=not ns.quiet)
     splits = load_splits(ns.dataset, ns.benchmark, [s.split for s in scenarios])
     model = ns.model or only_model(ns.responses, [s.split for s in scenarios])
     columns = ColumnNames(ns.question_column, ns.reference_column, ns.image_column)
@@ -95,4 +107,4 @@ def run(ns: argparse.Namespace) -> int:
         "responses": str(ns.responses),
         "encoders": ns.encoders,
     }
-    return finish(ns, samples, embedder, policy, settings, metadata, Path(ns.output_path))
+    return finish(ns, samples, embedder, policy, settings, metadata, Path(ns.output_path), judge=judge)

@@ -5,7 +5,15 @@ entry at ``<root>/<key[:2]>/<key>.safetensors``.  The file's metadata carries th
 sha256 of the vector's bytes, so a truncated or corrupted entry is detected on read (and treated
 as a miss: the caller recomputes and overwrites it).  Writes go through :func:`lmms_emi._io.atomic_write`
 (a uniquely named temp file in the same directory, then ``os.replace``): readers never see half a file,
-and concurrent writers of the same key (several ranks) simply race to an identical result.
+and concurrent writers of the same key (several ranks) simply race to an identical result. Where the
+filesystem has ``O_TMPFILE`` (Linux), a new entry is written to an unnamed file that is linked into place
+when complete, so a run killed mid-write leaves no temp file behind either.
+
+The key does not include the batch size or device: a vector differs by ~1e-7 between them (padding, kernel
+choice), and the first computed one is served from then on, so a run is bit-reproducible given its cache.
+Each entry records what produced it (``produced_by`` metadata: batch size, device, torch version).
+A folder that cannot be created or written is refused at construction (``OSError``); the embedder then runs
+without a cache, with one warning.
 """
 
 from __future__ import annotations
@@ -14,14 +22,15 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from lmms_emi._io import atomic_write
+from lmms_emi._io import atomic_write, ensure_writable_dir
 
 _FORMAT = "lmms_emi.embedding.v1"
 
@@ -34,6 +43,14 @@ def default_cache_dir() -> Path:
     return Path("~/.cache/lmms_emi/embeddings").expanduser()
 
 
+def user_warning(message: str, *, stacklevel: int = 2) -> None:
+    """``warnings.warn(message, UserWarning)`` that is shown even under a blanket ignore filter (importing
+    ``lmms_eval.utils`` ignores every warning in the process; a repaired cache must still be reported)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", UserWarning)
+        warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+
+
 def cache_key(encoder_id: str, layer: int, projection: str, content_hash: str) -> str:
     """The entry's address: sha256 over the encoder identity, layer, projection and content hash."""
     raw = f"{encoder_id}\x1f{layer}\x1f{projection}\x1f{content_hash}".encode()
@@ -44,8 +61,8 @@ class EmbeddingCache:
     """Directory of verified embedding vectors (float32, 1-D)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create ``root`` if needed; OSError when it cannot be created or written."""
+        self.root = ensure_writable_dir(root)  # a read-only folder fails here, not deep inside a run
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -81,13 +98,45 @@ class EmbeddingCache:
                 found[i] = True
         return rows, found, corrupt
 
-    def put(self, key: str, vec: torch.Tensor) -> None:
-        """Atomically write one vector (temp file in the same directory, then ``os.replace``)."""
+    def put(self, key: str, vec: torch.Tensor, *, produced_by: Mapping[str, object] | None = None) -> None:
+        """Atomically write one vector (temp file in the same directory, then ``os.replace``);
+        ``produced_by`` (batch size, device, ...) is recorded in the entry, not read back."""
         p = self.path(key)
         arr = vec.detach().to("cpu", torch.float32).contiguous()
         digest = hashlib.sha256(arr.numpy().tobytes()).hexdigest()
-        blob = st_save({"z": arr}, metadata={"format": _FORMAT, "key": key, "sha256": digest})
-        atomic_write(p, lambda tmp: tmp.write_bytes(blob))
+        meta = {"format": _FORMAT, "key": key, "sha256": digest}
+        if produced_by:
+            meta["produced_by"] = json.dumps(dict(produced_by), sort_keys=True)
+        blob = st_save({"z": arr}, metadata=meta)
+        if not _publish_unnamed(p, blob):
+            atomic_write(p, lambda tmp: tmp.write_bytes(blob))  # replaces a bad entry; or no O_TMPFILE
+
+
+def _publish_unnamed(path: Path, blob: bytes) -> bool:
+    """Write ``blob`` to an unnamed file in ``path``'s folder and link it as ``path`` once complete (Linux
+    ``O_TMPFILE``): nothing is left behind if the process dies. False when ``path`` exists or the
+    filesystem cannot do it (the caller then uses a named temp file)."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag or path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path.parent, flag | os.O_WRONLY, 0o666)  # the umask applies, as for open()
+    except OSError:
+        return False
+    try:
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(fd, view) :]
+        try:
+            os.link(f"/proc/self/fd/{fd}", path)  # follows the fd's link to the unnamed file
+        except FileExistsError:
+            return True  # another writer published the same key first: identical content
+        except OSError:
+            return False
+        return True
+    finally:
+        os.close(fd)
 
 
 def _decode(data: bytes, key: str, dim: int) -> np.ndarray | None:

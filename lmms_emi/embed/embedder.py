@@ -27,7 +27,6 @@ import os
 import re
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,7 +42,7 @@ from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.errors import EncoderLoadError
 from lmms_emi.estimators.club import PAPER_ENCODERS
 
-from .cache import EmbeddingCache, cache_key, default_cache_dir
+from .cache import EmbeddingCache, cache_key, default_cache_dir, user_warning
 from .distributed import dist_context, shard_and_gather
 from .encoders import Encoder, EncoderInfo, Prepared, describe_encoder, load_encoder
 from .inputs import HashMemo, coerce_texts, make_image_item, text_hash
@@ -333,7 +332,11 @@ class Embedder:
             self._infos[modality] = self._describe(modality, lazy)
         self.cache: EmbeddingCache | None = None
         if cache_dir is not False:
-            self.cache = EmbeddingCache(default_cache_dir() if cache_dir is None else Path(cache_dir))
+            root = default_cache_dir() if cache_dir is None else Path(cache_dir)
+            try:
+                self.cache = EmbeddingCache(root)  # creates the folder and checks that it is writable
+            except OSError as exc:
+                user_warning(f"embedding cache {root} is not usable ({exc}); running without the cache")
 
         dv, dt = self._infos["image"].dim, self._infos["text"].dim
         self.projections = _projections(dv, dt, projection_seed)
@@ -448,11 +451,15 @@ class Embedder:
         with self._lock:
             return self._embed("image", [it.content_hash for it in items], items)
 
-    def embed_texts(self, texts: Sequence[Any], what: str = "text") -> torch.Tensor:
-        """``[N, d]`` features of texts; non-strings are converted (``None -> ""``, else ``str``)."""
+    def embed_texts(
+        self, texts: Sequence[Any], what: str = "text", sample_ids: Sequence[Any] | None = None
+    ) -> torch.Tensor:
+        """``[N, d]`` features of texts; non-strings are converted (``None -> ""``, else ``str``; bytes must
+        be UTF-8). A text that is not valid Unicode raises :class:`EmbedInputError` naming the sample
+        (``sample_ids[i]``, else its index)."""
         _check_sequence(texts, "texts")
         with self._lock:
-            strs = self._coerce(texts, what)
+            strs = self._coerce(texts, what, sample_ids)
             return self._embed("text", [text_hash(s) for s in strs], strs)
 
     def embed_task(
@@ -501,10 +508,12 @@ class Embedder:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            user_warning(message, stacklevel=4)
 
-    def _coerce(self, texts: Sequence[Any] | None, what: str) -> list[str]:
-        strs, converted = coerce_texts(texts if texts is not None else [])
+    def _coerce(
+        self, texts: Sequence[Any] | None, what: str, sample_ids: Sequence[Any] | None = None
+    ) -> list[str]:
+        strs, converted = coerce_texts(texts if texts is not None else [], sample_ids)
         if converted:
             self._warn_once(
                 f"convert-{what}",
@@ -578,11 +587,10 @@ class Embedder:
             misses, corrupt = list(range(len(keys))), 0
         if corrupt:
             st.corrupt_entries += corrupt
-            warnings.warn(
+            user_warning(
                 f"{corrupt} corrupt or truncated embedding cache entr{'y' if corrupt == 1 else 'ies'} under "
                 f"{self.cache.root if self.cache else ''}: recomputing and overwriting",
-                UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         st.cache_hits += len(keys) - len(misses)
         st.cache_misses += len(misses)
@@ -591,10 +599,18 @@ class Embedder:
             writes: list[Future[None]] = []
             writer = ThreadPoolExecutor(max_workers=1) if cache is not None else None
 
+            produced_by = self._produced_by()
+            failed: list[OSError] = []
+
             def write(keys_: list[str], rows: torch.Tensor) -> None:
                 assert cache is not None
                 for k, row in zip(keys_, rows, strict=True):
-                    cache.put(k, row)
+                    if failed:
+                        return
+                    try:
+                        cache.put(k, row, produced_by=produced_by)
+                    except OSError as exc:  # read-only folder, disk full: the values are kept, not stored
+                        failed.append(exc)
 
             def store(positions: list[int], z: torch.Tensor) -> None:
                 # cache writes overlap with the next forward passes (one writer thread)
@@ -605,10 +621,22 @@ class Embedder:
                 out[misses] = self._encode(modality, [payloads[i] for i in misses], store)
                 for w in writes:
                     w.result()  # entries are on disk when the call returns; errors surface here
+                if failed:
+                    self.cache = None  # the rest of the run goes without it
+                    self._warn_once(
+                        "cache-write",
+                        f"could not write to the embedding cache {cache.root if cache else ''} "
+                        f"({failed[0]}); continuing without the cache",
+                    )
             finally:
                 if writer is not None:
                     writer.shutdown(wait=True)
         return out
+
+    def _produced_by(self) -> dict[str, Any]:
+        """What computed a vector, recorded in its cache entry (not in its key: vectors of one input differ
+        by ~1e-7 between batch sizes and devices, and the first computed one is served from then on)."""
+        return {"batch_size": self.batch_size, "device": self.device.type, "torch": torch.__version__}
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:

@@ -4,6 +4,10 @@ Images may be ``PIL.Image`` objects, raw encoded bytes, file paths, numpy arrays
 ``datasets`` image dicts (``{"bytes": ..., "path": ...}``).  Each is turned into an :class:`ImageItem`
 that carries a content hash (the cache key's content part) and can be decoded to an RGB image later,
 off the main thread.  Texts are coerced to ``str`` predictably (``None -> ""``, anything else ``str(x)``).
+
+The work per image is bounded before anything is decoded or resized: an image of more than
+:data:`MAX_IMAGE_PIXELS` pixels or a side ratio above :data:`MAX_ASPECT_RATIO` (resizing its short side to an
+encoder's input size would make it gigapixels) is an :class:`EmbedInputError` naming the sample.
 """
 
 from __future__ import annotations
@@ -19,6 +23,30 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lmms_emi.errors import EmbedInputError
+
+#: Largest image accepted, in pixels (8000 × 8000; as RGB 192 MB). PIL's own bomb check is at 179 M.
+MAX_IMAGE_PIXELS = 64_000_000
+#: Largest ratio of the long to the short side: a 1 × 10000 strip resized to a short side of 224 would be
+#: 224 × 2,240,000 pixels; at 100:1 the resized image stays under 5 M pixels.
+MAX_ASPECT_RATIO = 100
+
+
+def check_image_size(size: tuple[int, int], label: str) -> None:
+    """Refuse an image whose decoded size is unbounded work (see the module docstring)."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise EmbedInputError(f"image for {label} is empty ({width}×{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise EmbedInputError(
+            f"image for {label} is {width}×{height} = {width * height} pixels, more than the limit of "
+            f"{MAX_IMAGE_PIXELS}; downscale it first"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise EmbedInputError(
+            f"image for {label} is {width}×{height}, aspect ratio {ratio:.0f}:1, more than the limit of "
+            f"{MAX_ASPECT_RATIO}:1 (resizing it for the encoder would blow it up); crop or pad it first"
+        )
 
 
 def describe_sample(index: int, sample_ids: Sequence[Any] | None) -> str:
@@ -44,12 +72,16 @@ class ImageItem:
     def load_rgb(self) -> Image.Image:
         """Decode (if needed) and convert to 3-channel RGB; raises :class:`EmbedInputError`."""
         if self.image is not None:
+            check_image_size(self.image.size, self.label)
             return to_rgb(self.image)
         assert self.data is not None
         try:
-            with Image.open(io.BytesIO(self.data)) as im:
+            with Image.open(io.BytesIO(self.data)) as im:  # reads the header only
+                check_image_size(im.size, self.label)
                 im.load()
                 return to_rgb(im)
+        except Image.DecompressionBombError as exc:  # PIL refuses at open when over 2× its own limit
+            raise EmbedInputError(f"image for {self.label} is too large to decode: {exc}") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise EmbedInputError(f"image for {self.label} could not be decoded: {exc}") from exc
 
@@ -149,26 +181,45 @@ def _bytes_hash(data: bytes, memo: HashMemo | None) -> str:
     return digest
 
 
-def coerce_texts(texts: Sequence[Any]) -> tuple[list[str], int]:
+def coerce_texts(texts: Sequence[Any], sample_ids: Sequence[Any] | None = None) -> tuple[list[str], int]:
     """Convert every entry to ``str``: ``None -> ""``, ``bytes`` decoded as UTF-8, others ``str(x)``.
 
     Returns the strings and how many entries were not already strings (the caller warns once).
-    Nothing is dropped: the output has the same length as the input.
+    Nothing is dropped or altered: the output has the same length as the input, and bytes that are not
+    UTF-8 or a string with an unpaired surrogate (not encodable text) raise :class:`EmbedInputError` naming
+    the sample (``sample_ids[i]``, else its index).
     """
     out: list[str] = []
     converted = 0
-    for t in texts:
+    for i, t in enumerate(texts):
         if isinstance(t, str):
+            _check_unicode(t, i, sample_ids)
             out.append(t)
             continue
         converted += 1
         if t is None:
             out.append("")
         elif isinstance(t, bytes | bytearray):
-            out.append(bytes(t).decode("utf-8", errors="replace"))
+            try:
+                out.append(bytes(t).decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise EmbedInputError(
+                    f"text of {describe_sample(i, sample_ids)} is not UTF-8 (byte {t[exc.start]:#04x} at "
+                    f"offset {exc.start})"
+                ) from None
         else:
             out.append(str(t))
     return out, converted
+
+
+def _check_unicode(text: str, index: int, sample_ids: Sequence[Any] | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EmbedInputError(
+            f"text of {describe_sample(index, sample_ids)} is not valid Unicode (unpaired surrogate "
+            f"{text[exc.start]!r} at position {exc.start}: {text[max(0, exc.start - 20) : exc.start]!r}...)"
+        ) from None
 
 
 def text_hash(text: str) -> str:

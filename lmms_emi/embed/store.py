@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from lmms_emi._io import atomic_write
 from lmms_emi.emi import TaskEmbeddings
+from lmms_emi.errors import UsageError
 
 __all__ = ["EMBEDDINGS_FILE", "load_embeddings", "save_embeddings"]
 
@@ -61,8 +62,40 @@ def load_embeddings(path: str | Path) -> tuple[dict[str, TaskEmbeddings], dict[s
         raise ValueError(f"{path} is not an lmms-emi embeddings file ({type(exc).__name__}: {exc})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an lmms-emi embeddings file (no format marker)")
-    out = {
-        task: TaskEmbeddings(*(tensors.get(f"{task}/{name}") for name in _FIELDS))
-        for task in json.loads(meta.get("tasks", "[]"))
-    }
-    return out, json.loads(meta.get("encoders", "{}"))
+    tasks = _meta_json(path, meta, "tasks", "[]")
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise UsageError(f"{path}: metadata 'tasks' must be a list of task names, got {tasks!r:.80}")
+    encoders = _meta_json(path, meta, "encoders", "{}")
+    if not isinstance(encoders, dict):
+        raise UsageError(f"{path}: metadata 'encoders' must be a JSON object, got {encoders!r:.80}")
+    out = {task: TaskEmbeddings(*(tensors.get(f"{task}/{name}") for name in _FIELDS)) for task in tasks}
+    _check_shapes(path, out)
+    return out, encoders
+
+
+def _meta_json(path: Path, meta: Mapping[str, str], key: str, default: str) -> Any:
+    try:
+        return json.loads(meta.get(key, default))
+    except ValueError as exc:
+        raise UsageError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
+
+
+def _check_shapes(path: Path, tasks: Mapping[str, TaskEmbeddings]) -> None:
+    """Every task: z_v and z_t present, every field 2-D with one row per sample; every field of one dim
+    across the file's tasks (they are pooled into one estimator's training set)."""
+    dims: dict[str, tuple[int, str]] = {}
+    for task, emb in tasks.items():
+        if emb.z_v is None or emb.z_t is None:
+            raise UsageError(f"{path}: task {task!r} has no z_v / z_t tensors; the file is incomplete")
+        n = emb.z_v.shape[0] if emb.z_v.ndim == 2 else -1
+        for name, z in zip(_FIELDS, emb, strict=True):
+            if z is None:
+                continue
+            if z.ndim != 2 or z.shape[0] != n:
+                got = f"{z.shape[0]} rows" if z.ndim == 2 else f"shape {tuple(z.shape)}"
+                raise UsageError(f"{path}: task {task!r}: {name} has {got} but z_v has {n}")
+            want = dims.setdefault(name, (z.shape[1], task))
+            if z.shape[1] != want[0]:
+                raise UsageError(
+                    f"{path}: task {task!r}: {name} has dim {z.shape[1]} but task {want[1]!r} has {want[0]}"
+                )

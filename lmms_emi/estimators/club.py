@@ -36,7 +36,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ __all__ = [
     "club_mutual_information",
     "encoder_mismatches",
     "fingerprint",
+    "tensors_checksum",
     "weighted_club_mutual_information",
 ]
 
@@ -76,7 +77,10 @@ _CHUNK_ROWS = 4096  # rows per chunk of the O(N·d) estimate: bounds the float64
 
 @dataclass(frozen=True)
 class CheckpointManifest:
-    """What a saved estimator was trained on, stored inside the checkpoint file."""
+    """What a saved estimator was trained on, stored inside the checkpoint file.
+
+    ``tensors_sha256`` (:func:`tensors_checksum` of the state dict, set by :meth:`CLUB.save`) is verified on
+    load; it is '' in checkpoints written before it existed, which load unverified."""
 
     x_dim: int
     y_dim: int
@@ -86,15 +90,41 @@ class CheckpointManifest:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
+    tensors_sha256: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CheckpointManifest:
+        """Parse and type-check a manifest; ValueError naming the first bad field."""
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a manifest must be a JSON object, got {type(data).__name__}")
+        kinds = {"x_dim": int, "y_dim": int, "hidden_size": int, "version": int, "encoders": dict}
+        kinds.update(hyperparameters=dict, data_fingerprint=str, format=str, tensors_sha256=str)
+        names = {int: "an integer", dict: "an object", str: "a string"}
+        required = ("x_dim", "y_dim", "hidden_size", "encoders")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"manifest lacks {', '.join(missing)}")
+        for key, kind in kinds.items():
+            if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+                raise ValueError(f"manifest field {key} must be {names[kind]}, got {data[key]!r}")
+        if data.get("format", FORMAT_NAME) != FORMAT_NAME:
+            raise ValueError(f"manifest of format {data['format']!r}, expected {FORMAT_NAME!r}")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def tensors_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes (in name order): the manifest's checksum."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -364,33 +394,57 @@ class CLUB(nn.Module):
         warm_start: bool = False,
         patience: int | None = None,
         check_every: int = 100,
-        min_rel_improvement: float = 1e-3,
+        validation_fraction: float = 0.1,
+        min_improvement: float = 1e-3,
         progress: bool = True,
     ) -> CLUB:
         """Fit q(y|x) by maximising the Gaussian log-likelihood with AdamW on random mini-batches.
 
-        Deterministic for a seed: parameters are re-initialised from ``seed`` (unless ``warm_start``) and
-        batches are drawn from a generator seeded by it. With ``patience`` set, training stops when the
-        loss (averaged over each window of ``check_every`` steps) has not improved by a relative
-        ``min_rel_improvement`` for ``patience`` consecutive windows (off by default, as in the paper).
+        Deterministic for a seed: parameters are re-initialised from ``seed`` (unless ``warm_start``), and the
+        held-out split and the batches are drawn from a generator seeded by it.
+
+        ``patience=None`` (the paper's recipe): exactly ``steps`` steps on all pairs. With ``patience`` set
+        (early stopping): a ``validation_fraction`` of the pairs is held out (the first
+        ``round(validation_fraction · n)`` rows of ``torch.randperm(n)`` drawn from the seeded generator), its
+        mean :meth:`log_likelihood` is evaluated every ``check_every`` steps and at the last one, training
+        stops after ``patience`` evaluations without an improvement above ``min_improvement`` (absolute, in
+        the objective's units), or at ``steps``; the weights of the best evaluation are restored.
+        ``fit_info_.hyperparameters["early_stopping"]`` records the split, the best step and its held-out
+        log-likelihood.
         """
         x, y = self._check_pairs(x, y)
         if steps < 1 or batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-        hyper = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": "AdamW"}
-        if patience is not None:
-            hyper.update(patience=patience, check_every=check_every, min_rel_improvement=min_rel_improvement)
+        if patience is not None and (patience < 1 or check_every < 1 or not 0 < validation_fraction < 1):
+            raise ValueError(
+                f"early stopping needs patience >= 1, check_every >= 1 and 0 < validation_fraction < 1, got "
+                f"{patience}, {check_every} and {validation_fraction}"
+            )
+        hyper: dict[str, Any] = {
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "optimizer": "AdamW",
+        }
         self._fitted = False  # until training completes
         if not warm_start:
             self.reset_parameters(seed)
         gen = torch.Generator().manual_seed(seed)
+        full_x, full_y = x, y
+        held_x = held_y = None
+        if patience is not None:
+            order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+            n_held = min(max(1, round(validation_fraction * x.shape[0])), x.shape[0] - 1)
+            held_x, held_y = x[order[:n_held]], y[order[:n_held]]
+            x, y = x[order[n_held:]], y[order[n_held:]]
         optimizer = torch.optim.AdamW(self.parameters(), lr=lr)
         n = x.shape[0]
         batch = min(batch_size, n)
-        self.train()
-        best, stale, window_sum, window_len = math.inf, 0, 0.0, 0
-        last_window = math.nan
+        best_ll, best_step, best_state, stale = -math.inf, 0, None, 0
+        window_sum, window_len, last_window = 0.0, 0, math.nan
         steps_run, stopped_early = 0, False
+        self.train()
         bar = tqdm(range(steps), desc="CLUB fit", disable=not progress, leave=False)
         for step in bar:
             idx = torch.randint(n, (batch,), generator=gen).to(x.device)
@@ -401,19 +455,37 @@ class CLUB(nn.Module):
             steps_run = step + 1
             window_sum += float(loss.detach())
             window_len += 1
-            if window_len == check_every or steps_run == steps:
-                last_window = window_sum / window_len
-                window_sum, window_len = 0.0, 0
+            if window_len < check_every and steps_run < steps:
+                continue
+            last_window, window_sum, window_len = window_sum / window_len, 0.0, 0
+            if held_x is None:
                 bar.set_postfix(loss=f"{last_window:.4f}")
-                if patience is not None:
-                    if best == math.inf or last_window < best - min_rel_improvement * abs(best):
-                        best, stale = last_window, 0
-                    else:
-                        stale += 1
-                        if stale >= patience:
-                            stopped_early = True
-                            break
+                continue
+            with torch.no_grad():
+                held_ll = float(self.log_likelihood(held_x, held_y))
+            if held_ll > best_ll + min_improvement:
+                best_ll, best_step, stale = held_ll, steps_run, 0
+                best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            else:
+                stale += 1
+            bar.set_postfix(loss=f"{last_window:.4f}", heldout_ll=f"{held_ll:.4f}", best=f"{best_ll:.4f}")
+            if stale >= patience:
+                stopped_early = True
+                break
         bar.close()
+        if best_state is not None:
+            self.load_state_dict(best_state)
+        if held_x is not None:
+            hyper["early_stopping"] = {
+                "patience": patience,
+                "check_every": check_every,
+                "validation_fraction": validation_fraction,
+                "min_improvement": min_improvement,
+                "n_heldout": int(held_x.shape[0]),
+                "steps_run": steps_run,
+                "best_step": best_step,
+                "best_heldout_log_likelihood": best_ll,
+            }
         self.eval()
         self._fitted = True
         self.manifest_ = None  # new weights: no saved manifest describes them until save()
@@ -421,7 +493,7 @@ class CLUB(nn.Module):
             steps_run=steps_run,
             final_loss=last_window,
             stopped_early=stopped_early,
-            data_fingerprint=fingerprint(x, y),
+            data_fingerprint=fingerprint(full_x, full_y),
             hyperparameters=hyper,
         )
         return self
@@ -440,7 +512,8 @@ class CLUB(nn.Module):
         )
 
     def save(self, path: str | os.PathLike, manifest: CheckpointManifest) -> Path:
-        """Write the state dict and ``manifest`` as one safetensors file, atomically."""
+        """Write the state dict and ``manifest`` (its ``tensors_sha256`` set to the state dict's checksum) as
+        one safetensors file, atomically."""
         from safetensors.torch import save_file
 
         if (manifest.x_dim, manifest.y_dim, manifest.hidden_size) != (
@@ -451,6 +524,7 @@ class CLUB(nn.Module):
             raise ValueError("manifest sizes do not match this estimator")
         path = Path(path)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        manifest = replace(manifest, tensors_sha256=tensors_checksum(state))
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata={MANIFEST_KEY: manifest.to_json()}))
         self.manifest_ = manifest
         return path
@@ -475,6 +549,8 @@ class CLUB(nn.Module):
         if not path.is_file():
             raise CheckpointError(f"estimator checkpoint {path} does not exist")
         state, manifest = _read_checkpoint(path)
+        if manifest is not None:
+            _check_manifest(path, manifest, state)
         club = cls._from_state(path, state, x_dim=x_dim, y_dim=y_dim)
         club.manifest_ = manifest
         if encoders is not None:
@@ -497,6 +573,15 @@ class CLUB(nn.Module):
         missing = [k for k in required if k not in state]
         if missing:
             raise CheckpointError(f"{path} is not a CLUB state dict: missing {', '.join(missing)}")
+        bad = [
+            k
+            for k in required
+            if not isinstance(state[k], torch.Tensor) or state[k].ndim != k.count("weight") + 1
+        ]
+        if bad:
+            raise CheckpointError(
+                f"{path} is not a CLUB state dict: {', '.join(bad)} have the wrong number of dims"
+            )
         half, ckpt_x = state["p_mu.0.weight"].shape
         ckpt_y = state["p_mu.2.weight"].shape[0]
         for name, want in ((" x_dim", (x_dim, ckpt_x)), (" y_dim", (y_dim, ckpt_y))):
@@ -519,6 +604,26 @@ class CLUB(nn.Module):
         club.load_state_dict({k: state[k].to(torch.float32) for k in expected})
         club.eval()
         return club
+
+
+def _check_manifest(path: Path, manifest: CheckpointManifest, state: Mapping[str, torch.Tensor]) -> None:
+    """The manifest's checksum and sizes agree with the tensors (CheckpointError otherwise)."""
+    if manifest.tensors_sha256 and manifest.tensors_sha256 != tensors_checksum(state):
+        raise CheckpointError(
+            f"{path}: its tensors do not match the checksum in its manifest (the file is corrupt or was "
+            "modified after saving); re-train it (lmms-emi train-estimator) or copy it again"
+        )
+    w0, w2 = state.get("p_mu.0.weight"), state.get("p_mu.2.weight")
+    if w0 is None or w2 is None or w0.ndim != 2 or w2.ndim != 2:
+        return  # _from_state names the missing or malformed tensor
+    found = {"x_dim": w0.shape[1], "y_dim": w2.shape[0], "hidden_size": 2 * w0.shape[0]}
+    for key, value in found.items():
+        declared = getattr(manifest, key)
+        if (declared // 2 * 2 if key == "hidden_size" else declared) != value:  # odd sizes round down
+            raise CheckpointError(
+                f"{path}: its manifest says {key}={getattr(manifest, key)} but its tensors have "
+                f"{key}={value}; the file is inconsistent, re-train or re-save it"
+            )
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointManifest | None]:

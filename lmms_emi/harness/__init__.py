@@ -8,5 +8,6 @@
 * :mod:`.make_tasks` / :mod:`.overrides` / :mod:`.foreign` — the task YAMLs, their local-data copies, and
   the EMI metric on other lmms-eval tasks.
 * :mod:`.replay` / :mod:`.replay_model` — a model that answers from saved response files.
-* :mod:`.launch` / :mod:`.results` — the eval run and the merge of its numbers into the results JSON.
+* :mod:`.launch` / :mod:`.results` — the eval run and the merge of its numbers into the results JSON;
+  :mod:`.hook` — the same run from plain ``lmms-eval`` (the ``lmms_eval.models`` entry point).
 """

@@ -1,12 +1,11 @@
 """``--metrics emi``: score other lmms-eval generation tasks (e.g. ``llava_in_the_wild``) with EMI, no judge.
 
-For each such task the launcher reads the task's own config (through lmms-eval's ``TaskManager``),
-registers its ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target`` / ``process_docs`` with the run state,
-and writes a one-task YAML ``{task: <name>, process_docs, process_results, metric_list}`` into a run folder.
-lmms-eval merges a config naming a registered task over that task's own config, so the task keeps its name,
-prompt, data and
-generation settings and only its scoring changes. All tasks of the run then go to lmms-eval as that folder
-(``--tasks DIR``: every YAML in it is one task or group config).
+Each such task gets a one-task YAML ``{task: <name>, process_docs, process_results, metric_list}`` in a run
+folder; lmms-eval merges a config naming a registered task over that task's own config, so the task keeps
+its name, prompt, data and generation settings and only its scoring changes. All tasks of the run go to
+lmms-eval as that folder (``--tasks DIR``: every YAML in it is one task or group config). Once the run's own
+``TaskManager`` is built, each foreign task's ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target`` /
+``process_docs`` are read from its config and registered with the run session (:func:`register`).
 """
 
 from __future__ import annotations
@@ -71,20 +70,13 @@ def register(run: RunSession, task_manager: Any, name: str) -> None:
     )
 
 
-def prepare(
-    run: RunSession, plan: Any, run_dir: Path, include_paths: list[str], *, builtin_tasks: bool = True
-) -> Path:
-    """Register the plan's foreign tasks and write the run's task folder; return it (for ``--tasks``)."""
-    from lmms_eval.tasks import TaskManager
-
-    manager = TaskManager("WARNING", include_path=include_paths, include_defaults=builtin_tasks)
+def write_task_folder(plan: Any, run_dir: Path) -> Path:
+    """Write the run's task folder (one YAML per task of ``plan.tasks``, the foreign ones with the EMI
+    metric); return it (for ``--tasks``). The foreign tasks' accessors are registered later, with
+    :func:`register`, on the run's own TaskManager (no second task index)."""
     folder = run_dir / "emi_tasks"
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(plan.tasks):
-        if name in plan.foreign:
-            register(run, manager, name)
-            text = overrides.foreign_task_yaml(name)
-        else:
-            text = f"task: {name}\n"
+        text = overrides.foreign_task_yaml(name) if name in plan.foreign else f"task: {name}\n"
         (folder / f"{i:03d}_{name.replace('*', '_')}.yaml").write_text(text, encoding="utf-8")
     return folder

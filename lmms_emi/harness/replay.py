@@ -1,4 +1,5 @@
-"""Entry point ``lmms_eval.models: lmms_emi`` -> the ``emi_replay`` model manifest.
+"""The ``emi_replay`` model manifest, returned by the entry point ``lmms_eval.models: lmms_emi``
+(:func:`lmms_emi.harness.hook.model_manifests`).
 
 Kept free of heavy imports: lmms-eval loads every ``lmms_eval.models`` entry point while it builds its model
 registry (``import lmms_eval.models``), so this module must not import lmms-eval's model API itself.

@@ -5,12 +5,15 @@ document ``doc_id`` with the line of ``DIR/<split>_<model_name>.jsonl`` (``quest
 paper's format; in-the-wild easy / hard through ``lbwild_split_idx.json``) that belongs to that document, so
 existing outputs can be scored through the real harness. Plugin tasks map to their scenario split; any other
 task T reads ``DIR/<T>_<model_name>.jsonl``. Documents are matched by ``question_id`` when the split has that
-column, else by row order. A missing file or response is an error naming the task and document.
+column, else by row order. A missing file or response is an error naming the task and document; with
+``strict=false`` only the rows that truly have no saved response are answered with ``fallback`` (default
+``""``), counted in ``missing_rows`` and named in one warning per task (a malformed file is still an error).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,8 @@ class ReplayModel(lmms):
         self.strict = str(strict).lower() not in ("0", "false", "no", "off")
         self.fallback = fallback
         self._device = device or self._default_device()
-        self._answers: dict[tuple[str, str], list[str]] = {}
+        self._answers: dict[tuple[str, str], list[str | None]] = {}
+        self.missing_rows: dict[str, int] = {}  # task -> rows answered with the fallback (strict=false)
 
     @property
     def device(self) -> str:
@@ -79,8 +83,9 @@ class ReplayModel(lmms):
         return names.pop()
 
     # -------------------------------------------------------------------------------------------------
-    def _split_answers(self, task: str, split: str) -> list[str]:
-        """Responses aligned to the rows of ``task``'s split (loaded once per task)."""
+    def _split_answers(self, task: str, split: str) -> list[str | None]:
+        """Responses aligned to the rows of ``task``'s split (loaded once per task); None for a row without
+        one (only with ``strict=false``, announced by one warning)."""
         key = (task, split)
         if key not in self._answers:
             scenario = sc.scenario_for_task(task)
@@ -90,25 +95,41 @@ class ReplayModel(lmms):
             if "question_id" in dataset.column_names:
                 ids = [int(q) for q in dataset.select_columns(["question_id"])["question_id"]]
             try:
-                self._answers[key] = responses_for_rows(
-                    self.responses_dir, file_split, self.model_name, question_ids=ids, n_rows=len(dataset)
+                answers = responses_for_rows(
+                    self.responses_dir,
+                    file_split,
+                    self.model_name,
+                    question_ids=ids,
+                    n_rows=len(dataset),
+                    allow_missing=not self.strict,
                 )
             except ValueError as exc:
                 raise ReplayError(f"emi_replay: task {task}: {exc}") from None
+            missing = [i for i, a in enumerate(answers) if a is None]
+            if missing:
+                named = ids if ids is not None else list(range(len(answers)))
+                shown = ", ".join(str(named[i]) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
+                what = "question_id" if ids is not None else "row"
+                print(
+                    f"emi_replay: warning: task {task}: {len(missing)} of {len(answers)} rows have no saved "
+                    f"response ({what} {shown}); answered with {self.fallback!r} (strict=false)",
+                    file=sys.stderr,
+                )
+            self._answers[key] = answers
         return self._answers[key]
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         out = []
         for req in requests:
             _ctx, _gen_kwargs, _doc_to_visual, doc_id, task, split = req.args[:6]
-            try:
-                out.append(self._split_answers(task, split)[doc_id])
-            except (ReplayError, IndexError, KeyError) as exc:
+            answers = self._split_answers(task, split)  # a file error is raised even with strict=false
+            answer = answers[doc_id] if 0 <= doc_id < len(answers) else None
+            if answer is None:
                 if self.strict:
-                    raise ReplayError(
-                        f"emi_replay: no saved response for task {task}, doc {doc_id}: {exc}"
-                    ) from None
-                out.append(self.fallback)
+                    raise ReplayError(f"emi_replay: no saved response for task {task}, doc {doc_id}")
+                self.missing_rows[task] = self.missing_rows.get(task, 0) + 1
+                answer = self.fallback
+            out.append(answer)
         return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:

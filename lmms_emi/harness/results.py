@@ -4,7 +4,10 @@ Per task (``results[<task>]``): every metric of :data:`lmms_emi.metrics.METRICS`
 beside lmms-eval's ``samples``. Per group (``results[<group>]`` and ``groups[<group>]``): each metric's
 group aggregation over its scope (EMI over all the group's tasks, EMID and the bounds over its OOD tasks),
 the Pearson r (and p) between EMID and the bound and the partial bound over the OOD tasks, the ID task, and
-``emid_by_task``. Top level: ``lmms_emi`` with the estimator, settings, report files and each analysis.
+``emid_by_task``. Top level: ``lmms_emi`` with the lmms-emi version, the encoder spec, the estimator
+(name / file hash), settings, report files and each analysis.
+With a judge step: per task also ``winrate,none``, ``relative_score,none``, ``judge_scored,none`` and
+``judge_excluded,none``, and ``lmms_emi.judge`` (agreement with EMI, counts, cost).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lmms_emi import __version__
 from lmms_emi._io import atomic_write_text
 from lmms_emi.metrics import FILTER, METRICS, TASK_METRICS, group_aggregate, task_values
 from lmms_emi.pipeline.run import RunAnalysis
@@ -44,6 +48,7 @@ def task_entry(task_result: TaskResult, entropy_scale: float | None) -> dict[str
     values = task_values(task_result, entropy_scale=entropy_scale, metrics=METRICS)
     out = {m.key: _finite(values[m.name]) for m in METRICS}
     out[f"emi_n,{FILTER}"] = int(task_result.n)
+    out["emi_warnings"] = list(task_result.warnings)  # thin or degenerate data: see lmms_emi.pipeline.shift
     return out
 
 
@@ -93,6 +98,8 @@ def update_results(
         except KeyError:
             continue
         entry.update(task_entry(task_result, entropy_scale))
+        if run.judge is not None:  # winrate, relative_score, judge_scored, judge_excluded
+            entry.update(run.judge.task_keys(task))
     group_subtasks = results.get("group_subtasks", {})
     for group, children in group_subtasks.items():
         if not children:
@@ -105,12 +112,16 @@ def update_results(
                 results[section][group].update(entry)
     results["lmms_emi"] = {
         **dict(extra),
+        "version": __version__,  # with the estimator and the encoders: what makes two runs comparable
+        "encoders": dict(run.encoder_spec),
         "estimator": run.estimator.to_dict(),
         "reports": {k: {kind: str(p) for kind, p in v.items()} for k, v in reports.items()},
         "warnings": list(run.warnings),
         "benchmarks": {b: a.to_dict() for b, a in run.benchmarks.items()},
         "tasks": {t: a.to_dict() for t, a in run.singles.items()},
     }
+    if run.judge is not None:
+        results["lmms_emi"]["judge"] = run.judge.to_dict()
     return results
 
 

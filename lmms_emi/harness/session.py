@@ -33,7 +33,9 @@ from lmms_emi.embed import Embedder
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.harness.options import EMIOptions
+from lmms_emi.judge import Judge
 from lmms_emi.metrics import task_values
+from lmms_emi.pipeline.agreement import JudgeRun
 from lmms_emi.pipeline.estimator import EstimatorInfo, fixed_estimator
 from lmms_emi.pipeline.records import Sample
 from lmms_emi.pipeline.run import RunAnalysis, analyze_run
@@ -213,13 +215,19 @@ class RunSession:
         """Every registered task through the one pipeline (embeddings and a fixed estimator reused).
         Raises ValueError with a one-line message on user errors (too few samples, mismatches, ...)."""
         with self._lock:
-            return self._analyze(self.tasks(), self.fixed_estimator(), metadata)
+            judge = None
+            config = self.options.judge_config()
+            if config is not None:  # the judge step (win rates) over every task's records
+                records = {t: self._samples[t] for t in self.tasks()}
+                judge = JudgeRun.from_records(Judge(config), records, progress=self.options.progress)
+            return self._analyze(self.tasks(), self.fixed_estimator(), metadata, judge=judge)
 
     def _analyze(
         self,
         tasks: Sequence[str],
         estimator: tuple[CLUB, EstimatorInfo] | None,
         metadata: Mapping[str, Any] | None = None,
+        judge: JudgeRun | None = None,
     ) -> RunAnalysis:
         run = analyze_run(
             self.samples([t for t in tasks if t not in self._embeddings]),
@@ -229,6 +237,8 @@ class RunSession:
             metadata=metadata,
             embeddings={t: self._embeddings[t] for t in tasks if t in self._embeddings},
             estimator=estimator,
+            id_task=self.options.id_task,
+            judge=judge,
         )
         self._embeddings.update(run.embeddings)
         return run

@@ -1,5 +1,7 @@
-"""The estimator policy of a run: a given checkpoint, a shipped one that matches the encoders, or one fitted
-on the run's pooled (query, response) and (query, reference) pairs (the paper's protocol)."""
+"""The estimator policy of a run: a given checkpoint, a registered estimator (by name, or the one registered
+for the run's encoders), a shipped one that matches the encoders, or one fitted on the run's pooled
+(query, response) and (query, reference) pairs (the paper's protocol; by default with early stopping on a
+held-out split)."""
 
 from __future__ import annotations
 
@@ -10,25 +12,30 @@ from typing import Any
 
 import torch
 
+from lmms_emi import estimator_registry as registry
 from lmms_emi.emi import TaskEmbeddings
-from lmms_emi.errors import CheckpointError, UsageError
-from lmms_emi.estimators.club import CLUB
+from lmms_emi.errors import CheckpointError, EncoderMismatchError, UsageError
+from lmms_emi.estimators.club import CLUB, PAPER_ENCODERS, encoder_mismatches
 from lmms_emi.paths import estimator_ckpt_dirs
 
 __all__ = [
+    "DEFAULT_PATIENCE",
     "ESTIMATOR_SUFFIXES",
     "FITTED_CHECKPOINT_NAME",
     "EstimatorInfo",
     "EstimatorPolicy",
+    "entry_encoders",
     "find_default_checkpoint",
     "fit_pooled_estimator",
     "pooled_pairs",
+    "registered_for",
     "resolve_estimator",
 ]
 
 ESTIMATOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 FITTED_CHECKPOINT_NAME = "club_fitted.safetensors"
 FIT = "fit"
+DEFAULT_PATIENCE = 5  # held-out evaluations (every 100 steps) without improvement before a fit stops
 _FITTED_NOTE = (
     "estimator fitted on this run's pooled (query, response) and (query, reference) pairs: EMI values "
     "are comparable only within this run; freeze one with `lmms-emi train-estimator` to compare runs"
@@ -39,40 +46,66 @@ _FITTED_NOTE = (
 class EstimatorPolicy:
     """How a run gets its CLUB estimator.
 
-    ``estimator``: a checkpoint path; ``"fit"`` to fit one on the run; None for a shipped checkpoint trained
-    on the run's encoders, else fit one. ``steps`` / ``seed`` / ``progress`` apply when one is fitted.
+    ``estimator``: a registered name (:mod:`lmms_emi.estimator_registry`, e.g. ``"paper-global"``); a
+    checkpoint path; ``"fit"`` to fit one on the run; None for a shipped checkpoint trained on the run's
+    encoders, else the registered estimator of these encoders, else fit one. ``steps`` / ``seed`` /
+    ``progress`` / ``patience`` apply when one is fitted: ``patience`` held-out evaluations without
+    improvement stop the fit (:meth:`CLUB.fit <lmms_emi.estimators.club.CLUB.fit>`), None trains exactly
+    ``steps`` steps (the paper's recipe). ``progress`` also shows a download's progress.
     """
 
     estimator: str | None = None
     steps: int = 5000
     seed: int = 0
     progress: bool = True
+    patience: int | None = DEFAULT_PATIENCE
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise UsageError(f"the estimator needs at least 1 training step, got {self.steps}")
+        if self.patience is not None and self.patience < 1:
+            raise UsageError(f"the estimator's early-stopping patience must be >= 1, got {self.patience}")
+        value = self.estimator
+        if value in (None, FIT) or registry.is_registry_name(value) or Path(str(value)).is_file():
+            return
+        if not any(c in str(value) for c in "/\\."):
+            registry.registry_entry(str(value))  # a bare word: UsageError listing the registered names
+
+    @property
+    def registry_name(self) -> str | None:
+        """The registered estimator the policy names, if any."""
+        return self.estimator if registry.is_registry_name(self.estimator) else None
 
     @property
     def checkpoint(self) -> Path | None:
-        """The checkpoint path, when the policy names one."""
-        return None if self.estimator in (None, FIT) else Path(str(self.estimator))
+        """The checkpoint path, when the policy names a file."""
+        if self.estimator in (None, FIT) or self.registry_name is not None:
+            return None
+        return Path(str(self.estimator))
 
     def check(self, encoder_spec: Mapping[str, Any] | None) -> None:
         """Fail early (before any embedding) when a named checkpoint is unusable or was trained on other
-        encoders than ``encoder_spec`` (None: the encoders are not known yet, only the file is checked)."""
-        if self.checkpoint is not None:
-            CLUB.from_checkpoint(
-                self.checkpoint, encoders=None if encoder_spec is None else dict(encoder_spec)
-            )
+        encoders than ``encoder_spec`` (None: the encoders are not known yet, only the file is checked). A
+        registered estimator (named, or the default of ``encoder_spec``) is downloaded here if needed."""
+        if encoder_spec is not None:
+            fixed_estimator(self, encoder_spec)
+        elif self.registry_name is not None:
+            CLUB.from_checkpoint(registry.resolve(self.registry_name, progress=self.progress))
+        elif self.checkpoint is not None:
+            CLUB.from_checkpoint(self.checkpoint)
 
 
 @dataclass(frozen=True)
 class EstimatorInfo:
     """Where the CLUB estimator came from and how far its values can be compared.
 
-    ``source``: "checkpoint" (a path given), "default" (shipped in ``estimator_ckpt/``) or "fitted" (fitted
-    on this run's pooled pairs). ``comparability``: "global" — comparable with every run using the same
-    checkpoint and encoders; "run" — comparable only within this run.
+    ``source``: "checkpoint" (a path given), "registry" (a registered estimator: named, or the one registered
+    for the run's encoders), "default" (shipped in ``estimator_ckpt/``) or "fitted" (fitted on this run's
+    pooled pairs). ``comparability``: "global" — comparable with every run using the same checkpoint and
+    encoders; "run" — comparable only within this run. ``name``: the registered name of the checkpoint file
+    (also when given by path: matched by hash); ``sha256``: the checkpoint file's sha256 (for a fitted one,
+    set once the report writer has saved it). Two runs' EMI values are comparable when their ``sha256`` and
+    ``encoders`` agree.
     """
 
     source: str
@@ -81,6 +114,8 @@ class EstimatorInfo:
     encoders: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
     note: str = ""
+    name: str | None = None
+    sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,11 +162,61 @@ def fit_pooled_estimator(
     steps: int = 5000,
     hidden_size: int = 500,
     progress: bool = True,
+    patience: int | None = DEFAULT_PATIENCE,
 ) -> CLUB:
-    """Fit one CLUB on :func:`pooled_pairs` of all tasks."""
+    """Fit one CLUB on :func:`pooled_pairs` of all tasks (``patience``: early stopping on a held-out split,
+    at most ``steps`` steps; None: exactly ``steps`` steps, the paper's recipe)."""
     x, y = pooled_pairs(task_embeddings)
     club = CLUB(x_dim=x.shape[1], y_dim=y.shape[1], hidden_size=hidden_size)
-    return club.fit(x, y, steps=steps, seed=seed, progress=progress)
+    return club.fit(x, y, steps=steps, seed=seed, progress=progress, patience=patience)
+
+
+def entry_encoders(entry: registry.RegistryEntry) -> dict[str, Any]:
+    """The encoder spec a registered estimator was trained on (``"paper"``: :data:`PAPER_ENCODERS`)."""
+    if entry.encoders == "paper":
+        return dict(PAPER_ENCODERS)
+    if isinstance(entry.encoders, Mapping):
+        return dict(entry.encoders)
+    raise CheckpointError(f"registered estimator {entry.name!r} names unknown encoders {entry.encoders!r}")
+
+
+def registered_for(encoder_spec: Mapping[str, Any]) -> registry.RegistryEntry | None:
+    """The first registered estimator trained on exactly ``encoder_spec``, if any."""
+    spec = dict(encoder_spec)
+    return next(
+        (e for e in registry.load_registry().values() if not encoder_mismatches(entry_encoders(e), spec)),
+        None,
+    )
+
+
+def _registered(
+    entry: registry.RegistryEntry, spec: dict[str, Any], *, progress: bool, default: bool
+) -> tuple[CLUB, EstimatorInfo]:
+    """Load the registered estimator ``entry`` (downloaded into the cache if needed) for ``spec``."""
+    problems = encoder_mismatches(entry_encoders(entry), spec)
+    if problems:
+        raise EncoderMismatchError(
+            f"registered estimator {entry.name!r} was trained on other encoders: " + "; ".join(problems)
+        )
+    path = registry.resolve(entry.name, progress=progress)
+    club = CLUB.from_checkpoint(path)
+    manifest = _manifest_dict(club)
+    if manifest is not None and encoder_mismatches(manifest["encoders"], spec):
+        raise EncoderMismatchError(
+            f"{path} (registered estimator {entry.name!r}) was trained on other encoders: "
+            + "; ".join(encoder_mismatches(manifest["encoders"], spec))
+        )
+    why = "the registered estimator of these encoders" if default else "registered estimator"
+    note = f"{why} {entry.name} ({entry.trained_on or entry.source})"
+    info = EstimatorInfo("registry", str(path), "global", spec, manifest, note, entry.name, entry.sha256)
+    return club, info
+
+
+def _file_identity(path: Path) -> tuple[str | None, str]:
+    """(registered name or None, sha256) of a checkpoint file."""
+    digest = registry.file_sha256(path)
+    entry = registry.entry_for_sha256(digest)
+    return (entry.name if entry else None), digest
 
 
 def _manifest_dict(club: CLUB) -> dict[str, Any] | None:
@@ -153,7 +238,9 @@ def resolve_estimator(
     if fixed is not None:
         return fixed
     spec = dict(encoder_spec)
-    club = fit_pooled_estimator(pooled, seed=policy.seed, steps=policy.steps, progress=policy.progress)
+    club = fit_pooled_estimator(
+        pooled, seed=policy.seed, steps=policy.steps, progress=policy.progress, patience=policy.patience
+    )
     manifest = asdict(club.make_manifest(spec))
     return club, EstimatorInfo("fitted", None, "run", spec, manifest, _FITTED_NOTE)
 
@@ -161,21 +248,34 @@ def resolve_estimator(
 def fixed_estimator(
     policy: EstimatorPolicy, encoder_spec: Mapping[str, Any]
 ) -> tuple[CLUB, EstimatorInfo] | None:
-    """The estimator when it needs no training (a named checkpoint, or a shipped one for these encoders),
+    """The estimator when it needs no training (a named checkpoint or registered estimator, or by default a
+    shipped one for these encoders, else the registered one for these encoders, downloaded if needed),
     loaded once; None when the policy fits one."""
     spec = dict(encoder_spec)
+    if policy.registry_name is not None:
+        entry = registry.registry_entry(policy.registry_name)
+        return _registered(entry, spec, progress=policy.progress, default=False)
     if policy.checkpoint is not None:
         club = CLUB.from_checkpoint(policy.checkpoint, encoders=spec)
         manifest = _manifest_dict(club)
         note = (
             "" if manifest else "plain state dict without manifest: assumed trained on the paper's encoders"
         )
-        return club, EstimatorInfo("checkpoint", str(policy.checkpoint), "global", spec, manifest, note)
+        name, digest = _file_identity(policy.checkpoint)
+        info = EstimatorInfo(
+            "checkpoint", str(policy.checkpoint), "global", spec, manifest, note, name, digest
+        )
+        return club, info
     if policy.estimator is None:
         found = find_default_checkpoint(spec)
         if found is not None:
             club, path = found
-            return club, EstimatorInfo(
-                "default", str(path), "global", spec, _manifest_dict(club), "shipped estimator"
+            name, digest = _file_identity(path)
+            info = EstimatorInfo(
+                "default", str(path), "global", spec, _manifest_dict(club), "shipped estimator", name, digest
             )
+            return club, info
+        entry = registered_for(spec)
+        if entry is not None:
+            return _registered(entry, spec, progress=policy.progress, default=True)
     return None

@@ -71,6 +71,7 @@ def embed_tasks(embedder: Any, samples_by_task: Mapping[str, Sequence[Sample]]) 
     images: list[Any] = []
     image_ids: list[str] = []
     texts: list[str] = []
+    text_ids: list[str] = []  # names each text in the embedder's errors
     layout: list[tuple[str, int, int, int, int | None, int | None]] = []
     for task, raw in samples_by_task.items():
         samples = ordered_samples(task, raw)
@@ -90,17 +91,22 @@ def embed_tasks(embedder: Any, samples_by_task: Mapping[str, Sequence[Sample]]) 
         image_ids.extend(f"{task} doc_id={s.doc_id}" for s in samples)
         q_start = len(texts)
         texts.extend(str(s.question) for s in samples)
+        text_ids.extend(f"{task} doc_id={s.doc_id} (question)" for s in samples)
         r_start = None
         if responses is not None:
             r_start = len(texts)
             texts.extend(responses)
+            text_ids.extend(f"{task} doc_id={s.doc_id} (response)" for s in samples)
         y_start = None
         if references is not None:
             y_start = len(texts)
             texts.extend(references)
+            text_ids.extend(f"{task} doc_id={s.doc_id} (reference)" for s in samples)
         layout.append((task, n, img_start, q_start, r_start, y_start))
-    z_images = torch.as_tensor(_embed_images(embedder, images, image_ids))
-    z_texts = torch.as_tensor(embedder.embed_texts(texts)) if texts else torch.empty(0)
+    z_images = torch.as_tensor(_embed_with_ids(embedder.embed_images, images, image_ids))
+    z_texts = (
+        torch.as_tensor(_embed_with_ids(embedder.embed_texts, texts, text_ids)) if texts else torch.empty(0)
+    )
     out: dict[str, TaskEmbeddings] = {}
     for task, n, img_start, q_start, r_start, y_start in layout:
         out[task] = TaskEmbeddings(
@@ -112,12 +118,12 @@ def embed_tasks(embedder: Any, samples_by_task: Mapping[str, Sequence[Sample]]) 
     return out
 
 
-def _embed_images(embedder: Any, images: list[Any], ids: list[str]) -> Any:
-    """``embedder.embed_images`` with sample ids for its error messages when it accepts them."""
+def _embed_with_ids(embed: Any, items: list[Any], ids: list[str]) -> Any:
+    """``embed(items)`` with sample ids for its error messages when it accepts them."""
     try:
-        accepts_ids = "sample_ids" in inspect.signature(embedder.embed_images).parameters
+        accepts_ids = "sample_ids" in inspect.signature(embed).parameters
     except (TypeError, ValueError):
         accepts_ids = False
     if accepts_ids:
-        return embedder.embed_images(images, sample_ids=ids)
-    return embedder.embed_images(images)
+        return embed(items, sample_ids=ids)
+    return embed(items)

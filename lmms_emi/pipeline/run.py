@@ -7,22 +7,35 @@ the :class:`RunAnalysis` into files. The rules that decide a run's shape live he
 * tasks are grouped by benchmark; a benchmark whose ID task is in the run gets one shift analysis (tasks in
   :func:`lmms_emi.scenarios.run_order`: ID, visual, text, joint); without its ID task its tasks are
   analysed one by one (EMI
-  only) and a warning says so; tasks of no benchmark are analysed one by one;
+  only) and a warning says so; tasks of no benchmark are analysed one by one, unless the caller names an
+  explicit ID task (``id_task``, one of those tasks): then they form one group keyed by that task's name,
+  ID first and the others in the given order, so EMID and the bounds work for any family of the user's
+  own tasks;
 * the estimator is fitted (when the policy says so) on the pooled pairs of all tasks in that same order.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmms_emi import __version__
 from lmms_emi import scenarios as sc
 from lmms_emi.emi import TaskEmbeddings
+from lmms_emi.errors import UsageError
 from lmms_emi.estimators.club import CLUB
+from lmms_emi.pipeline.agreement import JudgeAnalysis, JudgeRun, judge_run
 from lmms_emi.pipeline.estimator import EstimatorInfo, EstimatorPolicy, resolve_estimator
 from lmms_emi.pipeline.records import Sample, embed_tasks
-from lmms_emi.pipeline.shift import AnalysisSettings, ShiftAnalysis, TaskResult, analyze_shift
+from lmms_emi.pipeline.shift import (
+    AnalysisSettings,
+    ShiftAnalysis,
+    TaskResult,
+    analyze_shift,
+    response_warnings,
+)
 
 __all__ = ["MIN_SAMPLES", "RunAnalysis", "RunPlan", "analyze_run", "check_sizes", "plan_run"]
 
@@ -43,8 +56,14 @@ class RunPlan:
         return [t for _id, tasks in self.groups.values() for t in tasks] + list(self.singles)
 
 
-def plan_run(tasks: Sequence[str]) -> RunPlan:
-    """Group ``tasks`` by benchmark with the ID rule of the module docstring."""
+def plan_run(tasks: Sequence[str], id_task: str | None = None) -> RunPlan:
+    """Group ``tasks`` by benchmark with the ID rule of the module docstring; ``id_task`` (a task of no
+    benchmark) makes the tasks of no benchmark one group against it (UsageError for a plugin task)."""
+    if id_task is not None and sc.scenario_for_task(id_task) is not None:
+        raise UsageError(
+            f"ID task {id_task}: a LLaVA-Bench shift task always uses its benchmark's ID task; name one of "
+            "your own tasks as the ID task"
+        )
     by_benchmark: dict[str, list[sc.Scenario]] = {}
     singles: list[str] = []
     for task in tasks:
@@ -55,17 +74,25 @@ def plan_run(tasks: Sequence[str]) -> RunPlan:
             by_benchmark.setdefault(scenario.benchmark, []).append(scenario)
     groups: dict[str, tuple[str, tuple[str, ...]]] = {}
     warnings: list[str] = []
+    own = list(dict.fromkeys(singles))  # the tasks of no benchmark
     for benchmark, members in by_benchmark.items():
-        id_task = sc.id_scenario(benchmark).task
+        benchmark_id = sc.id_scenario(benchmark).task
         ordered = tuple(s.task for s in sorted(set(members), key=sc.run_order))
-        if id_task not in ordered:
+        if benchmark_id not in ordered:
             warnings.append(
-                f"{benchmark}: the ID task {id_task} is not in this run, so no EMID / bounds for "
+                f"{benchmark}: the ID task {benchmark_id} is not in this run, so no EMID / bounds for "
                 f"{len(ordered)} task(s)"
             )
             singles = [*ordered, *singles]
             continue
-        groups[benchmark] = (id_task, ordered)
+        groups[benchmark] = (benchmark_id, ordered)
+    if id_task is not None and id_task in own:
+        groups[id_task] = (id_task, (id_task, *[t for t in own if t != id_task]))
+        singles = [t for t in singles if t not in own]
+    elif id_task is not None and own:
+        warnings.append(
+            f"the ID task {id_task} is not in this run, so no EMID / bounds for {len(own)} task(s)"
+        )
     return RunPlan(groups, tuple(dict.fromkeys(singles)), tuple(warnings))
 
 
@@ -84,6 +111,7 @@ class RunAnalysis:
     settings: AnalysisSettings
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    judge: JudgeAnalysis | None = None  # win rates and their agreement with EMI, when a judge step ran
 
     @property
     def analyses(self) -> dict[str, ShiftAnalysis]:
@@ -121,15 +149,20 @@ def analyze_run(
     metadata: Mapping[str, Any] | None = None,
     embeddings: Mapping[str, TaskEmbeddings] | None = None,
     estimator: tuple[CLUB, EstimatorInfo] | None = None,
+    id_task: str | None = None,
+    judge: JudgeRun | None = None,
 ) -> RunAnalysis:
     """The one pipeline: embed every task's samples, resolve the estimator (``estimator`` when the caller
     already has it, else from ``policy``), and analyse each benchmark against its ID task and every other
     task alone (see the module docstring).
 
     The run's tasks are those of ``samples`` and then those of ``embeddings`` (tasks embedded earlier, whose
-    samples need not be given again). Raises ValueError naming the task for a task with fewer than 2
-    samples or unusable samples.
+    samples need not be given again). ``id_task``: the explicit ID task of the tasks of no benchmark
+    (:func:`plan_run`). Raises ValueError naming the task for a task with fewer than 2
+    samples or unusable samples. With ``judge``, the judge step follows (:mod:`.agreement`: win rates and
+    their agreement with EMI); its cost is reported beside this pipeline's own time.
     """
+    started = time.perf_counter()
     known = dict(embeddings or {})
     sizes = {t: len(rows) for t, rows in samples.items()} | {
         t: e.n for t, e in known.items() if t not in samples
@@ -137,15 +170,16 @@ def analyze_run(
     if not sizes:
         raise ValueError("no EMI samples were recorded: no task of this run has the EMI metric")
     check_sizes(sizes)
-    plan = plan_run(list(sizes))
+    plan = plan_run(list(sizes), id_task)
     todo = {t: samples[t] for t in plan.order if t not in known}
     if todo:
         known.update(embed_tasks(embedder, todo))
     ordered = {t: known[t] for t in plan.order}
     spec = dict(embedder.encoder_spec())
     club, info = estimator if estimator is not None else resolve_estimator(policy, spec, ordered)
-    meta = dict(metadata or {})
+    meta = {"lmms_emi_version": __version__, **dict(metadata or {})}  # in every report: comparability
     kwargs = settings.to_dict()  # entropy_scale, n_resamples, confidence_level, seed
+    kwargs["notes"] = response_warnings(samples)  # empty answers: flagged per task
     benchmarks: dict[str, ShiftAnalysis] = {}
     for benchmark, (id_task, tasks) in plan.groups.items():
         result = analyze_shift({t: ordered[t] for t in tasks}, id_task, club, **kwargs)
@@ -154,4 +188,27 @@ def analyze_run(
     for task in plan.singles:
         result = analyze_shift({task: ordered[task]}, task, club, **kwargs)
         singles[task] = result.with_context(estimator=info, metadata={**meta, "task": task})
-    return RunAnalysis(benchmarks, singles, info, club, ordered, spec, settings, meta, list(plan.warnings))
+    flagged = [
+        f"{t.task}: {w}"
+        for a in (*benchmarks.values(), *singles.values())
+        for t in a.tasks
+        for w in t.warnings
+    ]
+    run = RunAnalysis(
+        benchmarks, singles, info, club, ordered, spec, settings, meta, [*plan.warnings, *flagged]
+    )
+    if judge is not None:
+        emi_seconds = time.perf_counter() - started
+        results = {t.task: t for a in (*benchmarks.values(), *singles.values()) for t in a.tasks}
+        run.judge = judge_run(
+            judge,
+            samples,
+            emi={t: results[t].emi for t in plan.order},
+            kinds={t: results[t].shift_kind for t in plan.order},
+            club=club,
+            embeddings=ordered,
+            settings=settings.to_dict(),
+            emi_seconds=emi_seconds,
+        )
+        run.warnings.extend(run.judge.warnings)
+    return run

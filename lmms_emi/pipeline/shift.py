@@ -10,6 +10,11 @@ For the in-distribution (ID) task P and each out-of-distribution (OOD) task Q:
 
 and over the OOD tasks the Pearson r (the paper's headline check), Spearman ρ and Kendall τ between EMID and
 its bound. The math lives in :mod:`lmms_emi.emi`; this module decides what to compute for which task.
+
+Numbers computed on thin or degenerate data are kept but flagged: each :class:`TaskResult` carries
+``warnings`` (fewer than :data:`MIN_INTERVAL_SAMPLES` samples: no interval; identical or all-zero
+embeddings of a role; an estimator whose μ(x) is constant or whose log σ²(x) sits at its ±1 bound; EMI 0 on
+every task; empty responses, from :func:`response_warnings`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lmms_emi.estimators.club import CLUB
 from lmms_emi.pipeline.estimator import EstimatorInfo
 
 __all__ = [
+    "MIN_INTERVAL_SAMPLES",
     "AnalysisSettings",
     "Correlation",
     "ShiftAnalysis",
@@ -40,9 +46,17 @@ __all__ = [
     "analyze_shift",
     "correlate",
     "json_ready",
+    "response_warnings",
     "shift_kind",
     "task_seed",
 ]
+
+
+#: Below this many samples a task gets no bootstrap interval (null, with a warning): a percentile bootstrap
+#: of 4 samples has at most 35 distinct resamples, and its "95% interval" is noise.
+MIN_INTERVAL_SAMPLES = 5
+_ZERO_TOL = 1e-9  # |MI| below this (nats) counts as exactly 0
+_LOGVAR_BOUND = 0.9999  # |log σ²| above this: the Tanh of p_logvar is saturated
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,9 @@ def correlate(x: Sequence[float], y: Sequence[float], tasks: Sequence[str] = ())
 @dataclass(frozen=True)
 class TaskResult:
     """Numbers of one task. EMID, bounds and JSD terms are relative to the ID task (None on the ID row);
-    EMI fields are None when the task has no references or no responses."""
+    EMI fields are None when the task has no references or no responses, intervals None below
+    :data:`MIN_INTERVAL_SAMPLES`. ``warnings``: why the numbers may not mean what they say (see the module
+    docstring); empty for a clean task."""
 
     task: str
     shift_kind: str
@@ -144,6 +160,7 @@ class TaskResult:
     jsd_text: float | None = None
     jsd_response_p: float | None = None
     jsd_response_q: float | None = None
+    warnings: tuple[str, ...] = ()
 
     @property
     def is_id(self) -> bool:
@@ -227,6 +244,62 @@ def _with_task(task: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
         raise ValueError(f"task {task!r}: {exc}") from None
 
 
+def response_warnings(samples: Mapping[str, Sequence[Any]]) -> dict[str, list[str]]:
+    """Per task, a warning when responses (``.response`` of each sample) are empty or whitespace only."""
+    notes: dict[str, list[str]] = {}
+    for task, rows in samples.items():
+        answers = [s.response for s in rows if s.response is not None]
+        blank = sum(1 for a in answers if not str(a).strip())
+        if answers and blank == len(answers):
+            notes[task] = [
+                f"all {blank} responses are empty or whitespace: EMI measures nothing of the model"
+            ]
+        elif blank:
+            notes[task] = [f"{blank} of {len(answers)} responses are empty or whitespace"]
+    return notes
+
+
+_ROLES = (("z_v", "image-query"), ("z_t", "text-query"), ("z_model", "response"), ("z_ref", "reference"))
+
+
+def _embedding_warnings(emb: TaskEmbeddings) -> list[str]:
+    """Roles whose embeddings are all the same vector (flagged); all zero is a ValueError (refused)."""
+    out = []
+    for attr, role in _ROLES:
+        z = getattr(emb, attr)
+        if z is None:
+            continue
+        z = torch.as_tensor(z).to(torch.float64)
+        scale = float(z.abs().max()) if z.numel() else 0.0
+        if scale == 0.0:  # no direction at all: the divergences are undefined, so refuse
+            raise ValueError(
+                f"all {z.shape[0]} {role} embeddings are zero (a broken encoder or blank inputs?); "
+                "nothing can be estimated from them"
+            )
+        if float((z - z[:1]).abs().max()) <= 1e-6 * scale:
+            out.append(f"all {z.shape[0]} {role} embeddings are identical")
+    return out
+
+
+def _estimator_warnings(club: CLUB, emb: TaskEmbeddings) -> list[str]:
+    """An estimator degenerate on this task's queries: constant μ(x), or log σ²(x) pinned at its bound."""
+    mu, logvar = club.conditional_params(emb.query)
+    out = []
+    spread = float((mu - mu.mean(dim=0)).abs().max())
+    if spread <= 1e-6 * max(1.0, float(mu.abs().max())):
+        out.append(
+            "the estimator's μ(x) is constant over this task's queries, so every MI estimate is 0 "
+            "(a corrupt or untrained estimator?)"
+        )
+    saturated = float((logvar.abs() > _LOGVAR_BOUND).to(torch.float64).mean())
+    if saturated > 0.99:
+        out.append(
+            f"the estimator's log σ²(x) sits at its bound ±1 for {saturated:.1%} of entries: its variance "
+            "collapsed or exploded"
+        )
+    return out
+
+
 def analyze_shift(
     task_embeddings: Mapping[str, TaskEmbeddings],
     id_task: str,
@@ -236,11 +309,14 @@ def analyze_shift(
     n_resamples: int = 1000,
     confidence_level: float = 0.95,
     seed: int = 0,
+    notes: Mapping[str, Sequence[str]] | None = None,
 ) -> ShiftAnalysis:
     """EMI per task, EMID / bounds per OOD task against ``id_task``, and their correlations.
 
     Confidence intervals are percentile bootstraps over samples with the estimator fixed (``n_resamples=0``
-    skips them). Tasks without references (or responses) get EMI None but still the partial bound.
+    skips them; a task below :data:`MIN_INTERVAL_SAMPLES` gets none). Tasks without references (or
+    responses) get EMI None but still the partial bound. Each task's ``warnings`` start with ``notes[task]``
+    (e.g. :func:`response_warnings`), then those of the module docstring.
     Raises ValueError naming the task for a task with fewer than 2 samples or inconsistent embeddings.
     """
     if id_task not in task_embeddings:
@@ -253,6 +329,11 @@ def analyze_shift(
         n = 0 if emb.z_v is None else int(torch.as_tensor(emb.z_v).shape[0])
         if n < 2:
             raise ValueError(f"task {task!r} has {n} sample(s); EMI and the bounds need at least 2")
+    same = {task: _with_task(task, _embedding_warnings, emb) for task, emb in task_embeddings.items()}
+
+    def resamples(*tasks: str) -> int:  # no interval when any task involved is too small
+        return n_resamples if all(task_embeddings[t].n >= MIN_INTERVAL_SAMPLES for t in tasks) else 0
+
     emi_results: dict[str, emi_lib.EMIResult | None] = {}
     emi_cis: dict[str, tuple[float, float] | None] = {}
     for task, emb in task_embeddings.items():
@@ -260,7 +341,7 @@ def analyze_shift(
             emi_results[task], emi_cis[task] = None, None
             continue
         emi_results[task] = _with_task(task, emi_lib.effective_mutual_information, club, *emb)
-        if n_resamples:
+        if resamples(task):
             ci = _with_task(
                 task,
                 emi_lib.bootstrap_emi,
@@ -273,6 +354,18 @@ def analyze_shift(
             emi_cis[task] = (ci.low, ci.high)
         else:
             emi_cis[task] = None
+
+    flags: dict[str, list[str]] = {task: list((notes or {}).get(task, ())) for task in task_embeddings}
+    for task, emb in task_embeddings.items():
+        if n_resamples and emb.n < MIN_INTERVAL_SAMPLES:
+            flags[task].append(
+                f"only {emb.n} samples: no bootstrap interval (needs at least {MIN_INTERVAL_SAMPLES})"
+            )
+        elif n_resamples and task_embeddings[id_task].n < MIN_INTERVAL_SAMPLES:
+            flags[task].append(f"no EMID interval: the ID task {id_task} has too few samples")
+        flags[task].extend(same[task])
+        if emi_results[task] is not None:  # the embeddings passed the EMI checks
+            flags[task].extend(_estimator_warnings(club, emb))
 
     p_emb, p_emi = task_embeddings[id_task], emi_results[id_task]
     # every RJSD term against the ID task in one pass (the ID task's spectra are computed once)
@@ -290,6 +383,7 @@ def analyze_shift(
             "mi_model": None if emi_res is None else emi_res.mi_model,
             "mi_ref": None if emi_res is None else emi_res.mi_ref,
             "emi_ci": emi_cis[task],
+            "warnings": tuple(flags[task]),
         }
         if task == id_task:
             results.append(TaskResult(**base))
@@ -303,7 +397,7 @@ def analyze_shift(
         }
         if p_emi is not None and emi_res is not None:
             extra["emid"] = emi_lib.emid(p_emi, emi_res)
-            if n_resamples:
+            if resamples(id_task, task):
                 ci = _with_task(
                     task,
                     emi_lib.bootstrap_emid,
@@ -325,6 +419,10 @@ def analyze_shift(
                 extra["bound_theorem"] = terms.bound(entropy_scale).value
         results.append(TaskResult(**base, **extra))
 
+    with_emi = [r for r in emi_results.values() if r is not None]
+    if with_emi and all(abs(r.mi_model) < _ZERO_TOL and abs(r.mi_ref) < _ZERO_TOL for r in with_emi):
+        zero = "EMI is 0 on every task (every MI estimate is 0): the estimator is degenerate, not the model"
+        results = [replace(t, warnings=(*t.warnings, zero)) if t.emi is not None else t for t in results]
     correlations: dict[str, Correlation | None] = {}
     names = ["bound", "partial_bound"] + (["bound_theorem"] if entropy_scale is not None else [])
     for name in names:

@@ -81,11 +81,17 @@ def read_response_file(path: str | Path) -> list[ResponseRecord]:
         raise ResponseFileError(f"response file {path} does not exist")
     records: list[ResponseRecord] = []
     seen: dict[int, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ResponseFileError(
+                    f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -102,6 +108,13 @@ def read_response_file(path: str | Path) -> list[ResponseRecord]:
                 raise ResponseFileError(f"{where}: question_id must be an integer, got {qid!r}")
             if not isinstance(obj["text"], str):
                 raise ResponseFileError(f"{where}: text must be a string, got {type(obj['text']).__name__}")
+            try:
+                obj["text"].encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+                raise ResponseFileError(
+                    f"{where}: text has an unpaired surrogate {obj['text'][exc.start]!r} at position "
+                    f"{exc.start} (not valid Unicode)"
+                ) from None
             if qid in seen:
                 raise ResponseFileError(f"{where}: duplicate question_id {qid} (first on line {seen[qid]})")
             seen[qid] = line_no
@@ -173,17 +186,22 @@ def align_responses(
     question_ids: Sequence[int] | None = None,
     n_rows: int | None = None,
     what: str = "",
-) -> list[str]:
+    allow_missing: bool = False,
+) -> list[str | None]:
     """Response texts in dataset row order.
 
     With ``question_ids`` (the dataset's column), each row gets the response with its id; every row must have
     one and every response must belong to a row. Without it, responses are taken in order and their count
-    must equal ``n_rows``. ``what`` names the source in error messages.
+    must equal ``n_rows``. ``what`` names the source in error messages. ``allow_missing``: a row without a
+    response (by id, or past the end of the file) gets None instead of an error; extra responses are still
+    an error.
     """
     label = what or (str(records[0].path) if records else "responses")
     if question_ids is None:
         if n_rows is None:
             raise ValueError("give question_ids or n_rows")
+        if allow_missing and len(records) < n_rows:
+            return [r.text for r in records] + [None] * (n_rows - len(records))
         if len(records) != n_rows:
             raise ResponseFileError(
                 f"{label}: {len(records)} responses but the dataset split has {n_rows} rows "
@@ -193,7 +211,7 @@ def align_responses(
     ids = [int(q) for q in question_ids]
     by_id = {r.question_id: r for r in records}
     missing = [q for q in ids if q not in by_id]
-    if missing:
+    if missing and not allow_missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise ResponseFileError(
             f"{label}: no response for question_id {shown} ({len(missing)} of {len(ids)} rows)"
@@ -207,7 +225,7 @@ def align_responses(
             f"{extra[0].where}: question_id {extra[0].question_id} is not in the dataset split "
             f"({len(extra)} extra responses; {len(records)} responses for {len(ids)} rows)"
         )
-    return [by_id[q].text for q in ids]
+    return [by_id[q].text if q in by_id else None for q in ids]
 
 
 def responses_for_rows(
@@ -217,14 +235,23 @@ def responses_for_rows(
     *,
     question_ids: Sequence[int] | None = None,
     n_rows: int | None = None,
-) -> list[str]:
-    """Load ``model``'s responses on ``split``, aligned to the dataset rows (see :func:`align_responses`)."""
-    source = find_response_source(responses_dir, split, model)
+    allow_missing: bool = False,
+) -> list[str | None]:
+    """Load ``model``'s responses on ``split``, aligned to the dataset rows (see :func:`align_responses`);
+    with ``allow_missing`` a missing file gives None for every row (of ``n_rows`` or ``question_ids``)."""
+    try:
+        source = find_response_source(responses_dir, split, model)
+    except ResponseFileError:
+        if not allow_missing:
+            raise
+        return [None] * (len(question_ids) if question_ids is not None else int(n_rows or 0))
     records = load_split_responses(responses_dir, split, model)
     what = (
         str(source.path) if source.positions is None else f"{source.path} (rows of {source.index_file.name})"
     )
-    return align_responses(records, question_ids=question_ids, n_rows=n_rows, what=what)
+    return align_responses(
+        records, question_ids=question_ids, n_rows=n_rows, what=what, allow_missing=allow_missing
+    )
 
 
 def list_models(responses_dir: str | Path, splits: Sequence[str]) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from lmms_emi import scenarios as sc
 from lmms_emi.errors import UsageError
+from lmms_emi.judge import Judgment
 from lmms_emi.metrics import RECORD_METRIC
 from lmms_emi.pipeline.records import Sample
 from lmms_emi.sources.datasets import IMAGE_COLUMNS, encoded_images, load_split, load_splits
@@ -42,6 +43,9 @@ class RunRecords:
     configs: dict[str, dict[str, Any]]
     model: str | None
     results_file: str | None
+    #: judge verdicts of lmms-eval's llava-bench style metrics in the same sample logs (tasks they cover)
+    judgments: dict[str, list[Judgment]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def samples(self, *, dataset: str | None = None, progress: bool = True) -> dict[str, list[Sample]]:
         """Sample lists with each document's image read back from the task's dataset split."""
@@ -118,12 +122,19 @@ def read_run(run_dir: str | Path, *, metric: str = RECORD_METRIC) -> RunRecords:
         print(f"lmms-emi: {root} holds {len(dates)} runs; reading the latest ({dates[-1]})", file=sys.stderr)
     latest = [f for f in files if f.name.split("_samples_", 1)[0] == dates[-1]]
     records: dict[str, list[dict[str, Any]]] = {}
+    judgments: dict[str, list[Judgment]] = {}
+    notes: list[str] = []
     for path in latest:
         task = path.name.split("_samples_", 1)[1].removesuffix(".jsonl")
         rows = _read_records(path, metric)
         if rows is not None:
             rows.sort(key=lambda r: r["doc_id"])
             records[task] = rows
+            logged, note = _logged_judgments(task, rows)
+            if logged:
+                judgments[task] = logged
+            if note:
+                notes.append(note)
     if not records:
         raise UsageError(
             f"no sample file under {root} has {metric!r} records (was the EMI metric part of the run?)"
@@ -143,7 +154,7 @@ def read_run(run_dir: str | Path, *, metric: str = RECORD_METRIC) -> RunRecords:
         configs = data.get("configs", {}) or {}
         cfg = data.get("config", {}) or {}
         model = cfg.get("model_name") or model_name(cfg.get("model"), cfg.get("model_args"))
-    return RunRecords(records, configs, model, results_file)
+    return RunRecords(records, configs, model, results_file, judgments, notes)
 
 
 def _read_records(path: Path, metric: str) -> list[dict[str, Any]] | None:
@@ -166,5 +177,48 @@ def _read_records(path: Path, metric: str) -> list[dict[str, Any]] | None:
             doc_id = rec.get("doc_id", obj.get("doc_id"))
             if doc_id is None:
                 raise UsageError(f"{path}:{line_no}: the record has no doc_id")
-            rows.append({**rec, "doc_id": int(doc_id)})
+            verdict = _judge_entry(obj)
+            rows.append({**rec, "doc_id": int(doc_id), **({"_judge": verdict} if verdict else {})})
     return rows or None
+
+
+def _judge_entry(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The llava-bench judge verdict of a samples-log line: ``gpt_eval_llava_all``, else the first
+    ``gpt_eval_llava_*`` dict whose scores are not lmms-eval's -999 placeholder."""
+    keys = ["gpt_eval_llava_all", *sorted(k for k in obj if k.startswith("gpt_eval_llava_"))]
+    for key in keys:
+        value = obj.get(key)
+        if isinstance(value, Mapping) and isinstance(value.get("scores"), (list, tuple)):
+            if -999 not in value["scores"]:
+                return dict(value)
+    return None
+
+
+def _logged_judgments(task: str, rows: list[dict[str, Any]]) -> tuple[list[Judgment], str | None]:
+    """Verdicts of lmms-eval's own judge for the task's EMI records, when they cover every one of them
+    and judged the same response; lmms-eval's failure marker (-1 scores) is an excluded sample."""
+    verdicts = [r.pop("_judge", None) for r in rows]
+    present = [v for v in verdicts if v is not None]
+    if not present:
+        return [], None
+    if len(present) < len(rows):
+        return [], (
+            f"{task}: the samples log has judge scores for {len(present)} of {len(rows)} samples; not used "
+            "(use --judge to score them all)"
+        )
+    out: list[Judgment] = []
+    for r, v in zip(rows, verdicts, strict=True):
+        if v.get("ans2") is not None and str(v["ans2"]) != str(r["response"]):
+            return (
+                [],
+                f"{task}: the logged judge scores are for other responses (doc_id {r['doc_id']}); not used",
+            )
+        scores = v["scores"]
+        ok = len(scores) >= 2 and all(isinstance(x, (int, float)) and x >= 0 for x in scores[:2])
+        if ok:
+            out.append(Judgment(task, r["doc_id"], float(scores[0]), float(scores[1]), source="log"))
+        else:
+            out.append(
+                Judgment(task, r["doc_id"], error=f"lmms-eval's judge failed (scores {scores})", source="log")
+            )
+    return out, None

@@ -1,0 +1,185 @@
+"""Plain ``lmms-eval`` with lmms-emi installed: the plugin's tasks, ``--metrics emi``, and the EMI numbers in
+lmms-eval's own results JSON and tables.
+
+lmms-eval 0.7.3 has no task-plugin mechanism and no ``--metrics`` flag. The only code of an installed package
+it runs before parsing its arguments and building its task index is the ``lmms_eval.models`` entry-point
+group, loaded while ``lmms_eval.models`` is imported (``lmms_eval.__main__`` imports it at import time). The
+entry point ``lmms_emi`` (pyproject) is :func:`model_manifests`: it registers the ``emi_replay`` model and, in
+an ``lmms-eval`` command (``lmms-eval ...``, ``python -m lmms_eval``, ``torchrun|accelerate launch -m
+lmms_eval``) that names a plugin task or group (wildcards too), a task listing, or ``--metrics emi``:
+
+* takes ``--metrics emi`` out of the arguments (lmms-eval would refuse it);
+* plans the run exactly as ``lmms-emi eval`` does (:func:`lmms_emi.harness.launch.prepare_run`: the ID task
+  added to a shift group named without it, ``--metrics emi`` tasks, the default output path), rewriting
+  ``sys.argv`` before lmms-eval parses it;
+* activates the launcher's two class-level patches (:func:`lmms_emi.harness.launch.install_patches`): the
+  task folder appended to every ``TaskManager``'s ``include_path`` (built-in names win), and the run finished
+  right after lmms-eval saved its results JSON (EMID, bounds, Pearson r and the report files merged into it
+  and into the printed tables).
+
+Guards: a command naming no plugin task, no listing and no ``--metrics`` is left alone (nothing imported
+beyond the task names, nothing patched); ``LMMS_EMI_HOOK=0`` turns the hook off; an lmms-eval version outside
+:data:`TESTED_LMMS_EVAL` gets one warning and nothing patched (``lmms-emi eval`` still works;
+``LMMS_EMI_HOOK=force`` patches anyway); a second call in a process does nothing, and the patches mark the
+wrapped methods so a second copy never wraps twice.
+
+Environment of a plain run: ``LMMS_EMI_DATA="synthetic=PATH,natural=PATH"`` (local dataset copies, as
+``lmms-emi eval --data``), ``LMMS_EMI_ENCODERS`` / ``LMMS_EMI_ESTIMATOR`` / ``LMMS_EMI_ID_TASK`` and
+``$LMMS_EMI_OPTIONS`` (JSON, every option; :meth:`EMIOptions.for_plain_run`), ``LMMS_EMI_BUILTIN_TASKS=0``
+(skip indexing lmms-eval's ~2000 built-in task YAMLs, ~15 s).
+"""
+
+from __future__ import annotations
+
+import atexit
+import fnmatch
+import os
+import shutil
+import sys
+from typing import Any
+
+from lmms_emi.harness import make_tasks, replay
+
+__all__ = ["SWITCH_VAR", "TESTED_LMMS_EVAL", "install", "model_manifests"]
+
+SWITCH_VAR = "LMMS_EMI_HOOK"  # "0" off, "force" also on untested lmms-eval versions
+DATA_VAR = "LMMS_EMI_DATA"
+BUILTIN_VAR = "LMMS_EMI_BUILTIN_TASKS"
+TESTED_LMMS_EVAL = ("0.7.3",)
+_OFF = ("0", "off", "false", "no")
+
+_status: str | None = None  # what the hook did in this process (None: not called yet)
+
+
+def model_manifests() -> list[Any]:
+    """Entry point ``lmms_eval.models: lmms_emi``: the hook (:func:`install`), then the plugin's models."""
+    install()
+    return replay.model_manifests()
+
+
+def install(argv: list[str] | None = None, *, in_cli: bool | None = None) -> str:
+    """Install the hook for this process once; return what it did: ``"off"``, ``"not-cli"`` (not an
+    lmms-eval command), ``"launcher"`` (``lmms-emi eval`` drives the run), ``"idle"`` (nothing of lmms-emi
+    named), ``"untested"`` (lmms-eval version; one warning), ``"active"``, or ``"again"`` (already called).
+
+    ``argv`` (default ``sys.argv``) is rewritten in place for an active run; ``in_cli`` overrides the
+    detection of an lmms-eval command (tests)."""
+    global _status
+    if _status is not None:
+        return "again"
+    _status = _install(sys.argv if argv is None else argv, _in_lmms_eval_cli() if in_cli is None else in_cli)
+    return _status
+
+
+def _in_lmms_eval_cli() -> bool:
+    """True while ``lmms_eval.__main__`` is being imported (its CLI loads the models before parsing)."""
+    main = sys.modules.get("lmms_eval.__main__")
+    return main is not None and not hasattr(main, "cli_evaluate")
+
+
+def _install(argv: list[str], in_cli: bool) -> str:
+    switch = os.environ.get(SWITCH_VAR, "1").strip().lower()
+    if switch in _OFF:
+        return "off"
+    if not in_cli:
+        return "not-cli"
+    launcher = sys.modules.get("lmms_emi.harness.launch")
+    if launcher is not None and launcher.active() is not None:
+        return "launcher"
+    try:
+        metrics, args = _pop_option(argv[1:], "--metrics")
+    except ValueError as exc:
+        return _exit(str(exc), 2)
+    if metrics is None and not _names_plugin_task(args):
+        return "idle"
+    version = _lmms_eval_version()
+    if version not in TESTED_LMMS_EVAL and switch != "force":
+        print(
+            f"lmms-emi: warning: lmms-eval {version} is not a version the lmms-emi hook was tested with "
+            f"({', '.join(TESTED_LMMS_EVAL)}): nothing patched, so plain lmms-eval does not see the EMI "
+            "tasks or --metrics; use `lmms-emi eval ...` (or LMMS_EMI_HOOK=force)",
+            file=sys.stderr,
+        )
+        return "untested"
+
+    from lmms_emi._io import scratch_dir
+    from lmms_emi.errors import LmmsEmiError, one_line
+    from lmms_emi.harness import launch
+    from lmms_emi.harness.options import EMIOptions
+
+    run_dir = scratch_dir(launch.SCRATCH_PREFIX)
+    atexit.register(shutil.rmtree, run_dir, True)
+    data = [v.strip() for v in os.environ.get(DATA_VAR, "").split(",") if v.strip()]
+    builtin = os.environ.get(BUILTIN_VAR, "1").strip().lower() not in _OFF
+    try:
+        opts = EMIOptions.for_plain_run()
+        prep = launch.prepare_run(
+            opts, args, run_dir, data, metrics, builtin_tasks=builtin, raise_errors=False
+        )
+    except (LmmsEmiError, ValueError, FileNotFoundError) as exc:
+        code = exc.exit_code if isinstance(exc, LmmsEmiError) else 2
+        return _exit(one_line(exc), code)
+    argv[1:] = prep.lmms_args
+    launch.activate(prep)
+    return "active"
+
+
+def _exit(message: str, code: int) -> str:
+    print(f"lmms-emi: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
+    """(value of ``name``, ``args`` without it); handles ``--x v`` and ``--x=v``."""
+    value, out, i = None, [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == name:
+            if i + 1 >= len(args):
+                raise ValueError(f"{name} needs a value (e.g. {name} emi)")
+            value, i = args[i + 1], i + 2
+            continue
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+        i += 1
+    return value, out
+
+
+def _task_names(args: list[str]) -> list[str]:
+    """The task names of ``--tasks`` (or of the ``tasks`` of a ``--config`` file)."""
+    tasks, _ = _pop_option(args, "--tasks")
+    if tasks is None:
+        config, _ = _pop_option(args, "--config")
+        if not config or not os.path.isfile(config):
+            return []
+        import yaml
+
+        with open(config, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh)
+        entries = loaded if isinstance(loaded, list) else [loaded]
+        tasks = ",".join(str(e.get("tasks", "")) for e in entries if isinstance(e, dict))
+    return [t.strip() for t in tasks.split(",") if t.strip()]
+
+
+def _names_plugin_task(args: list[str]) -> bool:
+    names = _task_names(args)
+    if any(n in make_tasks.LIST_COMMANDS for n in names):
+        return True
+    ours = make_tasks.plugin_names()
+    return any(
+        n in ours
+        or make_tasks.looks_like_plugin_name(n)  # a typo gets the launcher's error, not lmms-eval's
+        or ("*" in n and any(fnmatch.fnmatchcase(o, n) for o in ours))
+        for n in names
+    )
+
+
+def _lmms_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmms_eval")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,440 @@
+"""EMI against a judge: the judge step of the run pipeline and the agreement statistics (paper Table 2).
+
+The step (:func:`judge_run`, called by :func:`lmms_emi.pipeline.run.analyze_run` when a
+:class:`JudgeRun` is given) takes each task's (question, reference, response) records, reuses verdicts the
+run already has (an lmms-eval samples log's judge scores), asks the judge for the rest, and computes
+
+* per task: the win rate WR = mean 1[r(x, ŷ) > r(x, y)] (paper Eq. 2) and the relative score
+  (mean r(ŷ) / mean r(y) × 100, lmms-eval's llava-bench aggregate) over the *scored* samples; samples the
+  judge could not score are counted and excluded;
+* across tasks: Spearman ρ and Kendall τ between EMI and WR with scipy's p-values and percentile bootstrap
+  intervals over tasks (``scipy.stats.bootstrap``, paired resampling of tasks), over all of the run's tasks
+  and per benchmark;
+* per sample, where it is well defined: CLUB's estimate is a mean of per-sample terms
+  s_i(y) = log q(y_i|x_i) − 1/N Σ_j log q(y_j|x_i) (Î(X;Y) = mean_i s_i exactly), so EMI = mean_i e_i with
+  e_i = s_i(ŷ) − s_i(y). Against the judge's preference d_i = r(ŷ_i) − r(y_i): Spearman(e, d), the
+  point-biserial r between e and the win indicator, and the AUC P(e_win > e_not-win) (Mann-Whitney U).
+  EMID and the bounds have no per-sample form (they compare two tasks' distributions), so they are not
+  compared per sample.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from lmms_emi import scenarios as sc
+from lmms_emi.emi import TaskEmbeddings, query_embedding
+from lmms_emi.estimators.club import CLUB
+from lmms_emi.judge import Judge, JudgeItem, Judgment, relative_score, win_rate
+from lmms_emi.pipeline.shift import json_ready
+
+__all__ = [
+    "MIN_TASKS",
+    "Agreement",
+    "JudgeAnalysis",
+    "JudgeRun",
+    "SampleAgreement",
+    "TaskJudge",
+    "agreement",
+    "judge_run",
+    "sample_agreement",
+    "sample_contributions",
+]
+
+MIN_TASKS = 3  # a rank correlation over fewer tasks means nothing
+
+
+@dataclass
+class JudgeRun:
+    """The judge input of a run: the client for samples without a verdict (None: only ``judgments``), the
+    verdicts already had (by task), and the texts of tasks whose samples are not handed to the pipeline
+    (embedded earlier)."""
+
+    judge: Judge | None = None
+    judgments: dict[str, list[Judgment]] = field(default_factory=dict)
+    items: dict[str, list[JudgeItem]] = field(default_factory=dict)
+    progress: bool = False
+
+    @classmethod
+    def from_records(
+        cls,
+        judge: Judge | None,
+        records: Mapping[str, Sequence[Mapping[str, Any]]],
+        *,
+        progress: bool = False,
+    ) -> JudgeRun:
+        """The judge input of a run whose records are dicts (question, response, reference, doc_id; a
+        missing doc_id is the row number)."""
+        items: dict[str, list[JudgeItem]] = {}
+        for task, rows in records.items():
+            if rows and all(r.get("reference") is not None and r.get("response") is not None for r in rows):
+                items[task] = [
+                    JudgeItem(
+                        task,
+                        i if r.get("doc_id") is None else r["doc_id"],
+                        str(r["question"]),
+                        str(r["reference"]),
+                        str(r["response"]),
+                    )
+                    for i, r in enumerate(rows)
+                ]
+        return cls(judge=judge, items=items, progress=progress)
+
+
+@dataclass(frozen=True)
+class TaskJudge:
+    """One task's judge numbers."""
+
+    task: str
+    shift_kind: str
+    emi: float | None
+    win_rate: float | None
+    relative_score: float | None
+    n_scored: int
+    n_excluded: int
+    n_wins: int
+    mean_ref_score: float | None
+    mean_model_score: float | None
+    source: str  # "judge", "log" or "judge+log"
+    excluded_reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Rank agreement of EMI and WR across tasks (p-values two-sided; intervals: percentile bootstrap)."""
+
+    n_tasks: int
+    spearman_rho: float
+    spearman_p: float
+    kendall_tau: float
+    kendall_p: float
+    spearman_ci: tuple[float, float] | None
+    kendall_ci: tuple[float, float] | None
+    tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SampleAgreement:
+    """Per-sample EMI contributions e_i against the judge (see the module docstring)."""
+
+    n: int
+    n_wins: int
+    spearman_rho: float | None
+    spearman_p: float | None
+    pointbiserial_r: float | None
+    pointbiserial_p: float | None
+    auc: float | None
+    auc_p: float | None
+
+
+@dataclass
+class JudgeAnalysis:
+    """The judge side of a run: per task numbers, agreement over all tasks and per benchmark, per-sample
+    agreement, the verdicts, and the cost beside the EMI pipeline's own time."""
+
+    tasks: dict[str, TaskJudge]
+    agreement: Agreement | None
+    by_benchmark: dict[str, Agreement | None]
+    samples: SampleAgreement | None
+    judgments: dict[str, list[Judgment]]
+    cost: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_scored(self) -> int:
+        return sum(t.n_scored for t in self.tasks.values())
+
+    @property
+    def n_excluded(self) -> int:
+        return sum(t.n_excluded for t in self.tasks.values())
+
+    def task_keys(self, task: str) -> dict[str, Any]:
+        """``<metric>,none`` entries of one task for lmms-eval's results JSON (empty for an unjudged task)."""
+        t = self.tasks.get(task)
+        if t is None:
+            return {}
+        return json_ready(
+            {
+                "winrate,none": t.win_rate,
+                "relative_score,none": t.relative_score,
+                "judge_scored,none": t.n_scored,
+                "judge_excluded,none": t.n_excluded,
+            }
+        )
+
+    def to_dict(self, *, with_judgments: bool = False) -> dict[str, Any]:
+        out = {
+            "tasks": {k: asdict(v) for k, v in self.tasks.items()},
+            "agreement": None if self.agreement is None else asdict(self.agreement),
+            "by_benchmark": {k: None if v is None else asdict(v) for k, v in self.by_benchmark.items()},
+            "samples": None if self.samples is None else asdict(self.samples),
+            "n_scored": self.n_scored,
+            "n_excluded": self.n_excluded,
+            "cost": self.cost,
+            "config": self.config,
+            "warnings": list(self.warnings),
+        }
+        if with_judgments:
+            out["judgments"] = {k: [j.to_dict() for j in v] for k, v in self.judgments.items()}
+        return json_ready(out)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def _finite(x: Any) -> float:
+    return float(x) if x is not None and math.isfinite(float(x)) else float("nan")
+
+
+def agreement(
+    emi: Sequence[float],
+    wr: Sequence[float],
+    tasks: Sequence[str] = (),
+    *,
+    n_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+) -> Agreement | None:
+    """Spearman ρ and Kendall τ of (EMI, WR) over tasks with scipy's p-values, and percentile bootstrap
+    intervals over tasks (paired resampling; ``n_resamples`` 0: none). None with fewer than
+    :data:`MIN_TASKS` tasks. A constant series gives NaN (undefined)."""
+    if len(emi) != len(wr):
+        raise ValueError(f"{len(emi)} EMI values but {len(wr)} win rates")
+    if len(emi) < MIN_TASKS:
+        return None
+    x, y = np.asarray(emi, dtype=np.float64), np.asarray(wr, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input / degenerate resamples: NaN
+        sr, kt = stats.spearmanr(x, y), stats.kendalltau(x, y)
+        cis: list[tuple[float, float] | None] = [None, None]
+        if n_resamples > 0:
+            for k, fn in enumerate((stats.spearmanr, stats.kendalltau)):
+                res = stats.bootstrap(
+                    (x, y),
+                    lambda a, b, fn=fn: fn(a, b).statistic,
+                    paired=True,
+                    vectorized=False,
+                    n_resamples=n_resamples,
+                    confidence_level=confidence_level,
+                    method="percentile",
+                    rng=np.random.default_rng(seed),
+                )
+                low, high = _finite(res.confidence_interval.low), _finite(res.confidence_interval.high)
+                cis[k] = (low, high) if math.isfinite(low) and math.isfinite(high) else None
+    return Agreement(
+        n_tasks=len(x),
+        spearman_rho=float(sr.statistic),
+        spearman_p=float(sr.pvalue),
+        kendall_tau=float(kt.statistic),
+        kendall_p=float(kt.pvalue),
+        spearman_ci=cis[0],
+        kendall_ci=cis[1],
+        tasks=tuple(tasks),
+    )
+
+
+@torch.no_grad()
+def sample_contributions(club: CLUB, emb: TaskEmbeddings) -> np.ndarray:
+    """e_i = s_i(ŷ) − s_i(y) with s_i(y) = log q(y_i|x_i) − 1/N Σ_j log q(y_j|x_i): the per-sample terms
+    whose mean is the task's EMI (float64; rows L2-normalised as EMI normalises them)."""
+    if emb.z_model is None or emb.z_ref is None:
+        raise ValueError("per-sample EMI needs both responses and references")
+    mu, logvar = club.conditional_params(query_embedding(emb.z_v, emb.z_t))
+    mu, a = mu.double(), (-logvar.double()).exp() / 2  # a = 1 / (2σ²)
+
+    def terms(z: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.normalize(z.double().to(mu.device), dim=1)
+        pos = -((y - mu) ** 2 * a).sum(dim=1)  # log q(y_i|x_i) without its constant
+        mean_y, mean_y2 = y.mean(dim=0), (y**2).mean(dim=0)  # 1/N Σ_j (y_j − μ_i)² = ȳ² − 2μ_i ȳ + μ_i²
+        neg = -((mean_y2 - 2 * mu * mean_y + mu**2) * a).sum(dim=1)
+        return pos - neg
+
+    return (terms(emb.z_model) - terms(emb.z_ref)).cpu().numpy()
+
+
+def sample_agreement(contributions: Sequence[float], preferences: Sequence[float]) -> SampleAgreement | None:
+    """Spearman(e, d), point-biserial(e, 1[d > 0]) and AUC of e for wins vs the rest (Mann-Whitney U, two
+    sided). None with fewer than 3 samples; undefined parts (one class only, constant input) None."""
+    e, d = np.asarray(contributions, dtype=np.float64), np.asarray(preferences, dtype=np.float64)
+    if len(e) != len(d):
+        raise ValueError(f"{len(e)} contributions but {len(d)} preferences")
+    if len(e) < 3:
+        return None
+    wins = d > 0
+    n_wins = int(wins.sum())
+
+    def ok(v: Any) -> float | None:
+        v = float(v)
+        return v if math.isfinite(v) else None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sr = stats.spearmanr(e, d)
+        pb = stats.pointbiserialr(wins.astype(float), e) if 0 < n_wins < len(e) else None
+        mw = stats.mannwhitneyu(e[wins], e[~wins]) if 0 < n_wins < len(e) else None
+    return SampleAgreement(
+        n=len(e),
+        n_wins=n_wins,
+        spearman_rho=ok(sr.statistic),
+        spearman_p=ok(sr.pvalue),
+        pointbiserial_r=None if pb is None else ok(pb.statistic),
+        pointbiserial_p=None if pb is None else ok(pb.pvalue),
+        auc=None if mw is None else ok(mw.statistic / (n_wins * (len(e) - n_wins))),
+        auc_p=None if mw is None else ok(mw.pvalue),
+    )
+
+
+# ------------------------------------------------------------------------------------------ the step
+def items_of(task: str, samples: Sequence[Any]) -> list[JudgeItem] | None:
+    """Judge items of a task's samples (anything with doc_id, question, response, reference), in doc_id
+    order; None when the task has no references (nothing to judge against)."""
+    rows = sorted(samples, key=lambda s: s.doc_id) if samples else []
+    if not rows or any(s.reference is None or s.response is None for s in rows):
+        return None
+    return [JudgeItem(task, s.doc_id, str(s.question), str(s.reference), str(s.response)) for s in rows]
+
+
+def _doc_order(rows: Mapping[Any, Any]) -> list[Any]:
+    try:
+        return sorted(rows)
+    except TypeError:  # mixed id types
+        return sorted(rows, key=str)
+
+
+def _task_judge(task: str, kind: str, emi: float | None, rows: Sequence[Judgment]) -> TaskJudge:
+    scored = [j for j in rows if j.scored]
+    reasons = Counter((j.error or "").split(" (attempt")[0] for j in rows if not j.scored)
+    sources = sorted({j.source for j in rows})
+    return TaskJudge(
+        task=task,
+        shift_kind=kind,
+        emi=emi,
+        win_rate=win_rate(rows),
+        relative_score=relative_score(rows),
+        n_scored=len(scored),
+        n_excluded=len(rows) - len(scored),
+        n_wins=sum(bool(j.win) for j in scored),
+        mean_ref_score=float(np.mean([j.ref_score for j in scored])) if scored else None,
+        mean_model_score=float(np.mean([j.model_score for j in scored])) if scored else None,
+        source="+".join(sources),
+        excluded_reasons=dict(reasons),
+    )
+
+
+def judge_run(
+    request: JudgeRun,
+    samples: Mapping[str, Sequence[Any]],
+    *,
+    emi: Mapping[str, float | None],
+    kinds: Mapping[str, str],
+    club: CLUB,
+    embeddings: Mapping[str, TaskEmbeddings],
+    settings: Mapping[str, Any],
+    emi_seconds: float,
+) -> JudgeAnalysis:
+    """The judge step over the run's tasks (``emi`` gives their order): verdicts from ``request.judgments``
+    first, the judge for the rest; per-task WR, agreement, per-sample agreement, cost."""
+    notes: list[str] = []
+    todo: list[JudgeItem] = []
+    have: dict[str, dict[Any, Judgment]] = {}
+    for task in emi:
+        items = items_of(task, samples[task]) if task in samples else request.items.get(task)
+        if items is None:
+            notes.append(f"{task}: no references (or no texts) to judge against; no win rate")
+            continue
+        logged = {j.doc_id: j for j in request.judgments.get(task, [])}
+        have[task] = {}
+        for item in items:
+            if item.doc_id in logged:
+                have[task][item.doc_id] = logged[item.doc_id]
+            else:
+                todo.append(item)
+    if todo and request.judge is None:
+        tasks_missing = sorted({i.task for i in todo})
+        notes.append(
+            f"{len(todo)} sample(s) of {', '.join(tasks_missing)} have no judge verdict (no --judge)"
+        )
+        for item in todo:
+            have[item.task].pop(item.doc_id, None)
+        for task in tasks_missing:
+            if not have[task]:
+                del have[task]
+        todo = []
+    started = time.perf_counter()
+    for j in request.judge.judge(todo, progress=request.progress) if todo else []:
+        have[j.task][j.doc_id] = j
+    judge_seconds = time.perf_counter() - started
+    judgments = {t: [rows[k] for k in _doc_order(rows)] for t, rows in have.items()}
+    per_task = {t: _task_judge(t, kinds.get(t, "ood"), emi.get(t), rows) for t, rows in judgments.items()}
+    boot = {
+        "n_resamples": int(settings.get("n_resamples", 1000)),
+        "confidence_level": float(settings.get("confidence_level", 0.95)),
+        "seed": int(settings.get("seed", 0)),
+    }
+
+    def over(names: Sequence[str]) -> Agreement | None:
+        rows = [
+            per_task[t] for t in names if per_task[t].win_rate is not None and per_task[t].emi is not None
+        ]
+        return agreement([r.emi for r in rows], [r.win_rate for r in rows], [r.task for r in rows], **boot)
+
+    by_benchmark: dict[str, list[str]] = {}
+    for task in per_task:
+        scenario = sc.scenario_for_task(task)
+        if scenario is not None:
+            by_benchmark.setdefault(scenario.benchmark, []).append(task)
+    # per sample: e_i of every scored sample, pooled over tasks (one estimator: comparable across tasks)
+    e_all: list[float] = []
+    d_all: list[float] = []
+    for task, rows in judgments.items():
+        emb = embeddings.get(task)
+        if emb is None or emb.z_model is None or emb.z_ref is None:
+            continue
+        ids = (
+            [s.doc_id for s in samples[task]] if task in samples else [i.doc_id for i in request.items[task]]
+        )
+        order = {doc: i for i, doc in enumerate(sorted(ids))}  # embedding rows follow doc_id order
+        e = sample_contributions(club, emb)
+        for j in rows:
+            if j.scored and j.doc_id in order:
+                e_all.append(float(e[order[j.doc_id]]))
+                d_all.append(float(j.model_score - j.ref_score))
+    stats_ = request.judge.stats if request.judge is not None else None
+    n_judged = sum(len(v) for v in judgments.values())
+    called = len(todo) - (stats_.cache_hits if stats_ is not None else 0)
+    tokens = None
+    if stats_ is not None and stats_.usage_reported and called > 0:
+        tokens = (stats_.prompt_tokens + stats_.completion_tokens) / called
+    cost = {
+        "judge_seconds": judge_seconds,
+        "emi_seconds": emi_seconds,
+        "samples": n_judged,
+        "judge_seconds_per_sample": judge_seconds / called if called > 0 else None,
+        "emi_seconds_per_sample": emi_seconds / n_judged if n_judged else None,
+        "judge_calls": None if stats_ is None else stats_.calls,
+        "judge_retries": None if stats_ is None else stats_.retries,
+        "cache_hits": None if stats_ is None else stats_.cache_hits,
+        "from_log": sum(j.source == "log" for rows in judgments.values() for j in rows),
+        "tokens_per_sample": tokens,  # over the samples sent to the judge (retries included)
+        "prompt_tokens": None if stats_ is None else stats_.prompt_tokens,
+        "completion_tokens": None if stats_ is None else stats_.completion_tokens,
+    }
+    return JudgeAnalysis(
+        tasks=per_task,
+        agreement=over(list(per_task)),
+        by_benchmark={b: over(names) for b, names in by_benchmark.items()},
+        samples=sample_agreement(e_all, d_all),
+        judgments=judgments,
+        cost=cost,
+        config={} if request.judge is None else request.judge.config.to_dict(),
+        warnings=notes,
+    )

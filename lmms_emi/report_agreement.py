@@ -1,0 +1,224 @@
+"""The agreement report of a run with a judge step (paper Table 2 on the user's own run): per task EMI, the
+judge's win rate and relative score with the counts of scored / excluded samples; across tasks Spearman ρ
+and Kendall τ with p-values and bootstrap intervals; the per-sample agreement; the cost of the judge beside
+the EMI pipeline's own time (paper Table 7); a scatter of EMI against WR coloured by shift kind.
+
+Files: ``<prefix>.json`` (everything, with each sample's verdict), ``.csv`` (one row per task), ``.md``
+and ``.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lmms_emi._io import atomic_write, atomic_write_text
+from lmms_emi.pipeline.agreement import Agreement, JudgeAnalysis
+
+__all__ = ["AGREEMENT_COLUMNS", "agreement_headline", "to_csv", "to_markdown", "write_agreement_report"]
+
+AGREEMENT_COLUMNS = (
+    "task",
+    "shift_kind",
+    "emi",
+    "win_rate",
+    "relative_score",
+    "n_scored",
+    "n_excluded",
+    "n_wins",
+    "mean_ref_score",
+    "mean_model_score",
+    "source",
+)
+_KIND_COLOURS = {
+    "id": "tab:green",
+    "visual": "tab:blue",
+    "text": "tab:orange",
+    "joint": "tab:red",
+    "ood": "tab:grey",
+}
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _p(value: Any) -> str:
+    """A p-value: two significant digits (1.6e-10, 0.19)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.2g}"
+
+
+def _ci(ci: Any) -> str:
+    return "" if not ci else f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _agreement_line(name: str, a: Agreement | None) -> str:
+    if a is None:
+        return f"- {name}: not computed (fewer than 3 tasks with both EMI and a win rate)"
+    return (
+        f"- {name}: Spearman ρ = {_fmt(a.spearman_rho)}{_ci(a.spearman_ci)} (p = {_p(a.spearman_p)}), "
+        f"Kendall τ = {_fmt(a.kendall_tau)}{_ci(a.kendall_ci)} (p = {_p(a.kendall_p)}), "
+        f"n = {a.n_tasks} tasks"
+    )
+
+
+def to_csv(judge: JudgeAnalysis) -> str:
+    """One row per judged task, columns :data:`AGREEMENT_COLUMNS`."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(AGREEMENT_COLUMNS)
+    for t in judge.tasks.values():
+        row = []
+        for c in AGREEMENT_COLUMNS:
+            v = getattr(t, c)
+            row.append("" if v is None else (repr(v) if isinstance(v, float) else str(v)))
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def to_markdown(judge: JudgeAnalysis, *, model: str | None = None, level: float = 0.95) -> str:
+    """The agreement table, the correlations, the per-sample agreement and the cost, as Markdown."""
+    head = f"# EMI vs judge: {model}" if model else "# EMI vs judge"
+    judge_model = judge.config.get("model")
+    lines = [head, ""]
+    if judge_model:
+        lines += [f"Judge: `{judge_model}` at {judge.config.get('base_url')}.", ""]
+    lines += [
+        "WR = mean 1[r(ŷ) > r(y)] over the scored samples (paper Eq. 2; a tie is not a win); relative score ="
+        " mean r(ŷ) / mean r(y) × 100. Samples the judge could not score after its retries are excluded and "
+        "counted, never scored.",
+        "",
+        "| task | shift | EMI | WR | relative score | scored | excluded |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in judge.tasks.values():
+        lines.append(
+            f"| `{t.task}` | {t.shift_kind} | {_fmt(t.emi, 4)} | {_fmt(t.win_rate)} | "
+            f"{_fmt(t.relative_score, 1)} | {t.n_scored} | {t.n_excluded} |"
+        )
+    lines += ["", f"## Agreement of EMI and WR across tasks ({level:.0%} bootstrap intervals over tasks)", ""]
+    lines.append(_agreement_line("all tasks", judge.agreement))
+    if len(judge.by_benchmark) > 1 or (judge.by_benchmark and judge.agreement is None):
+        for name, a in judge.by_benchmark.items():
+            lines.append(_agreement_line(name, a))
+    s = judge.samples
+    lines += ["", "## Per sample", ""]
+    if s is None:
+        lines.append("- not computed (fewer than 3 scored samples with embeddings)")
+    else:
+        lines.append(
+            f"- per-sample EMI contribution e_i vs judge preference r(ŷ) − r(y): Spearman ρ = "
+            f"{_fmt(s.spearman_rho)} (p = {_p(s.spearman_p)}); vs win: point-biserial r = "
+            f"{_fmt(s.pointbiserial_r)}, AUC = {_fmt(s.auc)} (p = {_p(s.auc_p)}); n = {s.n}, "
+            f"{s.n_wins} wins"
+        )
+    c = judge.cost
+    lines += ["", "## Cost", ""]
+    lines.append(
+        f"- judge: {_fmt(c.get('judge_seconds'), 2)} s wall for {c.get('samples')} samples "
+        f"({c.get('judge_calls')} calls, {c.get('judge_retries')} retries, "
+        f"{c.get('cache_hits')} from the cache, "
+        f"{c.get('from_log')} from the run's log); {_fmt(c.get('judge_seconds_per_sample'), 3)} s per sample "
+        "sent"
+    )
+    tokens = c.get("tokens_per_sample")
+    lines.append(
+        f"- judge tokens per sample: {_fmt(tokens, 1)}"
+        if tokens is not None
+        else "- judge tokens per sample: not reported (by the endpoint, or every verdict was cached / logged)"
+    )
+    lines.append(
+        "- EMI pipeline (embedding, estimator, analysis) on the same samples: "
+        f"{_fmt(c.get('emi_seconds'), 2)} s "
+        f"({_fmt(c.get('emi_seconds_per_sample'), 4)} s per sample)"
+    )
+    excluded = {reason: n for t in judge.tasks.values() for reason, n in t.excluded_reasons.items() if reason}
+    if judge.n_excluded:
+        lines += [
+            "",
+            f"{judge.n_excluded} sample(s) excluded: "
+            + "; ".join(f"{r} ({n})" for r, n in sorted(excluded.items())),
+        ]
+    for w in judge.warnings:
+        lines.append(f"\nNote: {w}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_png(judge: JudgeAnalysis, path: Path, model: str | None) -> None:
+    """EMI (x) vs WR (y) per task, coloured by shift kind; ρ and τ in the title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [t for t in judge.tasks.values() if t.emi is not None and t.win_rate is not None]
+    fig = Figure(figsize=(6.4, 4.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for kind, colour in _KIND_COLOURS.items():
+        pts = [t for t in rows if t.shift_kind == kind]
+        if pts:
+            ax.scatter(
+                [t.emi for t in pts], [t.win_rate for t in pts], c=colour, label=kind, s=30, alpha=0.85
+            )
+    a = judge.agreement
+    stats = (
+        "n/a (< 3 tasks)"
+        if a is None
+        else f"Spearman ρ = {_fmt(a.spearman_rho)}, Kendall τ = {_fmt(a.kendall_tau)}, n = {a.n_tasks}"
+    )
+    head = f"{model}: " if model else ""
+    ax.set_title(f"{head}EMI vs judge win rate per task\n{stats}", fontsize=10)
+    ax.set_xlabel("EMI = Î(x; ŷ) − Î(x; y)  [nats]")
+    ax.set_ylabel("win rate  mean 1[r(ŷ) > r(y)]")
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no task with EMI and a win rate", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def write_agreement_report(
+    judge: JudgeAnalysis,
+    out_dir: str | Path,
+    *,
+    prefix: str = "emi_agreement",
+    model: str | None = None,
+    level: float = 0.95,
+) -> dict[str, Path]:
+    """Write ``<prefix>.json`` (with every verdict), ``.csv``, ``.md`` and ``.png``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model, **judge.to_dict(with_judgments=True)}
+    paths = {
+        "json": atomic_write_text(
+            out / f"{prefix}.json", json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        ),
+        "csv": atomic_write_text(out / f"{prefix}.csv", to_csv(judge)),
+        "markdown": atomic_write_text(out / f"{prefix}.md", to_markdown(judge, model=model, level=level)),
+    }
+    paths["png"] = atomic_write(out / f"{prefix}.png", lambda tmp: _write_png(judge, tmp, model))
+    return paths
+
+
+def agreement_headline(judge: JudgeAnalysis) -> str:
+    """One line for a command's output: samples scored / excluded, mean WR, ρ and τ."""
+    rates = [t.win_rate for t in judge.tasks.values() if t.win_rate is not None]
+    mean_wr = sum(rates) / len(rates) if rates else None
+    a = judge.agreement
+    corr = (
+        "ρ(EMI, WR) n/a (< 3 tasks)"
+        if a is None
+        else f"ρ(EMI, WR) {_fmt(a.spearman_rho)} (p {_p(a.spearman_p)}), τ {_fmt(a.kendall_tau)} "
+        f"(p {_p(a.kendall_p)}) over {a.n_tasks} tasks"
+    )
+    counts = f"judge: {judge.n_scored} samples scored, {judge.n_excluded} excluded"
+    return f"{counts}; mean WR {_fmt(mean_wr)}; {corr}"
