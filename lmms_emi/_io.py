@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
 
 
 def _umask() -> int:
@@ -36,7 +38,8 @@ def atomic_write(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the writer's pid in the name: a process killed mid-write leaves a file sweep_dead_writers() can remove
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -85,7 +88,8 @@ def reserve_file(path: str | os.PathLike) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -104,6 +108,26 @@ def scratch_dir(prefix: str) -> Path:
     root = Path(tempfile.gettempdir())
     for old in root.glob(f"{prefix}*_*"):
         pid_text = old.name[len(prefix) :].split("_", 1)[0]
-        if old.is_dir() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if old.is_dir() and pid_text.isdigit() and not pid_alive(int(pid_text)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}_", dir=root))
+
+
+def sweep_dead_writers(folders: Iterable[Path]) -> int:
+    """Remove the temp files :func:`atomic_write` left in ``folders`` when its process was killed (the pid in
+    the name no longer runs); files of running writers are kept. Returns how many were removed."""
+    removed = 0
+    for folder in folders:
+        try:
+            names = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(TEMP_SUFFIX)]
+        except OSError:
+            continue
+        for name in names:
+            parts = name.rsplit(".", 3)  # .<target name>.<pid>.<random>.tmp
+            if len(parts) == 4 and parts[1].isdigit() and not pid_alive(int(parts[1])):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+                except OSError:
+                    pass
+    return removed

@@ -6,8 +6,9 @@ sha256 of the vector's bytes, so a truncated or corrupted entry is detected on r
 as a miss: the caller recomputes and overwrites it).  Writes go through :func:`lmms_emi._io.atomic_write`
 (a uniquely named temp file in the same directory, then ``os.replace``): readers never see half a file,
 and concurrent writers of the same key (several ranks) simply race to an identical result. Where the
-filesystem has ``O_TMPFILE`` (Linux), a new entry is written to an unnamed file that is linked into place
-when complete, so a run killed mid-write leaves no temp file behind either.
+filesystem has ``O_TMPFILE`` and can link it (Linux; not every sandbox), a new entry is written to an unnamed
+file that is linked into place when complete; otherwise the named temp file of a writer killed mid-write is
+removed by the next cache that opens the folder (the writer's pid is in its name).
 
 The key does not include the batch size or device: a vector differs by ~1e-7 between them (padding, kernel
 choice), and the first computed one is served from then on, so a run is bit-reproducible given its cache.
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from lmms_emi._io import atomic_write, ensure_writable_dir
+from lmms_emi._io import atomic_write, ensure_writable_dir, sweep_dead_writers
 
 _FORMAT = "lmms_emi.embedding.v1"
 
@@ -63,6 +64,8 @@ class EmbeddingCache:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         """Create ``root`` if needed; OSError when it cannot be created or written."""
         self.root = ensure_writable_dir(root)  # a read-only folder fails here, not deep inside a run
+        # temp files of writers killed mid-write (SIGKILL) go now: never read, but they must not pile up
+        sweep_dead_writers(d for d in self.root.iterdir() if d.is_dir())
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
