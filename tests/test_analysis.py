@@ -383,7 +383,11 @@ def test_a_degenerate_estimator_is_flagged_on_every_task(tasks):
     with torch.no_grad():
         saturated.p_logvar[2].bias.fill_(50.0)  # log σ² pinned at its bound +1 everywhere
     res = analyze_shift(tasks, ID_TASK, saturated, n_resamples=0)
-    assert all(_warned(res, t.task, "log σ²(x) sits at its bound") for t in res.tasks)
+    assert all(_warned(res, t.task, "log σ²(x) sits at its upper bound") for t in res.tasks)
+    with torch.no_grad():
+        saturated.p_logvar[2].bias.fill_(-50.0)  # at the lower bound: the normal state of a good fit
+    res = analyze_shift(tasks, ID_TASK, saturated, n_resamples=0)
+    assert not any(_warned(res, t.task, "log σ²(x)") for t in res.tasks)
 
 
 def test_empty_and_blank_responses_are_counted_per_task():
