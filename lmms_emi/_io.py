@@ -99,13 +99,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def scratch_dir(prefix: str) -> Path:
-    """A new private temp folder ``<tmp>/<prefix><pid>_XXXX`` for this process, after removing the folders
-    of that prefix left by processes that no longer run (a run killed with SIGKILL cannot clean up itself).
-    The caller removes its own folder when done."""
+def scratch_dir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
+    """A new private folder ``<parent>/<prefix><pid>_XXXX`` for this process (``parent``: the system temp
+    dir), after removing the folders of that prefix left there by processes that no longer run (a run killed
+    with SIGKILL cannot clean up itself). The caller removes its own folder when done."""
     import shutil
 
-    root = Path(tempfile.gettempdir())
+    root = Path(tempfile.gettempdir() if parent is None else parent)
     for old in root.glob(f"{prefix}*_*"):
         pid_text = old.name[len(prefix) :].split("_", 1)[0]
         if old.is_dir() and pid_text.isdigit() and not pid_alive(int(pid_text)):

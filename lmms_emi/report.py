@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lmms_emi._io import atomic_write, atomic_write_text, pid_alive
+from lmms_emi._io import atomic_write, atomic_write_text, scratch_dir
 from lmms_emi.embed.store import EMBEDDINGS_FILE, save_embeddings
 from lmms_emi.estimator_registry import file_sha256
 from lmms_emi.pipeline.estimator import FITTED_CHECKPOINT_NAME
@@ -279,15 +278,7 @@ def new_run_id() -> str:
     return time.strftime(RUN_ID_FORMAT)
 
 
-_STAGING = ".emi_staging_"  # + <pid>_<run id>_<random>: a private folder, published by hard links
-
-
-def _sweep_dead_staging(out: Path) -> None:
-    """Remove the staging folders of runs killed while writing their reports (their pid no longer runs)."""
-    for folder in out.glob(f"{_STAGING}*"):
-        pid = folder.name[len(_STAGING) :].split("_", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+_STAGING = ".emi_staging_"  # + <pid>_<random>: a run's private folder, published by hard links
 
 
 class _PrefixTaken(Exception):
@@ -324,8 +315,7 @@ def _publish_run_reports(run: RunAnalysis, out: Path, prefix: str) -> dict[str, 
     embeddings_name = f"{prefix}_{EMBEDDINGS_FILE}"
     if (out / embeddings_name).exists():
         raise _PrefixTaken
-    _sweep_dead_staging(out)
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=f"{_STAGING}{os.getpid()}_{prefix}_"))
+    staging = scratch_dir(_STAGING, out)  # (a killed run's staging folder goes now)
     try:
         staged: list[str] = []  # names in publishing order: the embeddings file first claims the prefix
         files: dict[str, Path] = {}

@@ -444,10 +444,10 @@ def prepare_run(
     if not peek.tasks and not peek.config:
         raise UsageError("give the tasks to run with --tasks (e.g. --tasks llavabench_shift_synthetic)")
     data = overrides.parse_data_args(data_args)
-    if opts.policy().checkpoint is not None and not opts.policy().checkpoint.is_file():  # path, not a name
+    checkpoint = opts.policy().checkpoint  # builds (validates) the estimator policy
+    if checkpoint is not None and not checkpoint.is_file():  # a path, not a registered name
         raise UsageError(f"--estimator {opts.estimator}: no such file")
-    opts.settings()  # validates the analysis and estimator options before any generation
-    opts.policy()
+    opts.settings()  # validates the analysis options before any generation
     if metrics and metrics.strip().lower() != "emi":
         raise UsageError(f"--metrics {metrics}: only 'emi' is supported")
     for option, folder in (("--output_path", peek.output_path), ("--report_dir", opts.report_dir)):

@@ -36,7 +36,7 @@ from lmms_emi import scenarios as sc
 from lmms_emi.emi import TaskEmbeddings, query_embedding
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.judge import Judge, JudgeItem, Judgment, relative_score, win_rate
-from lmms_emi.pipeline.shift import json_ready
+from lmms_emi.pipeline.shift import correlate, json_ready
 
 __all__ = [
     "MIN_TASKS",
@@ -211,10 +211,10 @@ def agreement(
         raise ValueError(f"{len(emi)} EMI values but {len(wr)} win rates")
     if len(emi) < MIN_TASKS:
         return None
+    point = correlate(emi, wr, tasks)  # the run's one correlation step (scipy's statistics and p-values)
     x, y = np.asarray(emi, dtype=np.float64), np.asarray(wr, dtype=np.float64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # constant input / degenerate resamples: NaN
-        sr, kt = stats.spearmanr(x, y), stats.kendalltau(x, y)
+        warnings.simplefilter("ignore")  # degenerate resamples: NaN
         cis: list[tuple[float, float] | None] = [None, None]
         if n_resamples > 0:
             for k, fn in enumerate((stats.spearmanr, stats.kendalltau)):
@@ -231,11 +231,11 @@ def agreement(
                 low, high = _finite(res.confidence_interval.low), _finite(res.confidence_interval.high)
                 cis[k] = (low, high) if math.isfinite(low) and math.isfinite(high) else None
     return Agreement(
-        n_tasks=len(x),
-        spearman_rho=float(sr.statistic),
-        spearman_p=float(sr.pvalue),
-        kendall_tau=float(kt.statistic),
-        kendall_p=float(kt.pvalue),
+        n_tasks=point.n_tasks,
+        spearman_rho=point.spearman_rho,
+        spearman_p=point.spearman_p,
+        kendall_tau=point.kendall_tau,
+        kendall_p=point.kendall_p,
         spearman_ci=cis[0],
         kendall_ci=cis[1],
         tasks=tuple(tasks),
