@@ -134,6 +134,8 @@ def _child(argv: list[str]) -> int:
         "heavy_modules": sorted(m for m in HEAVY_MODULES if m in sys.modules),
     }
     Path(os.environ[CHILD_ENV]).write_text(json.dumps(result))
+    # end as the console script does (no interpreter teardown, where the CLI has that exit)
+    getattr(cli, "exit_without_teardown", sys.exit)(int(rc))
     return int(rc)
 
 
@@ -432,14 +434,28 @@ def _same_outputs(a: Path, b: Path) -> tuple[bool, bool]:
     """(embeddings bit-identical, report JSON identical) of two output folders."""
     from safetensors.numpy import load_file
 
-    ea = load_file(str(a / "emi_embeddings.safetensors"))
-    eb = load_file(str(b / "emi_embeddings.safetensors"))
+    ea = load_file(str(run_file(a, "emi_embeddings.safetensors")))
+    eb = load_file(str(run_file(b, "emi_embeddings.safetensors")))
     same_emb = ea.keys() == eb.keys() and all(ea[k].tobytes() == eb[k].tobytes() for k in ea)
-    ja = sorted(a.glob("emi_report*.json"))
-    same_json = bool(ja) and all(
-        _strip(json.loads(p.read_text())) == _strip(json.loads((b / p.name).read_text())) for p in ja
+    ja = {_unprefixed(p): p for p in a.glob("*_emi_report*.json")}
+    jb = {_unprefixed(p): p for p in b.glob("*_emi_report*.json")}
+    same_json = bool(ja) and ja.keys() == jb.keys() and all(
+        _strip(json.loads(ja[k].read_text())) == _strip(json.loads(jb[k].read_text())) for k in ja
     )
     return same_emb, same_json
+
+
+def run_file(folder: Path, name: str) -> Path:
+    """The one ``<run id>_<name>`` file of a run's output folder."""
+    found = sorted(folder.glob(f"*_{name}"))
+    if len(found) != 1:
+        raise SystemExit(f"bench_score: expected one *_{name} in {folder}, found {len(found)}")
+    return found[0]
+
+
+def _unprefixed(path: Path) -> str:
+    """A run file's name without its ``<run id>_`` prefix (``20261204_214430_emi_report_x.json``)."""
+    return path.name.split("_emi_", 1)[1]
 
 
 _RUN_FIELDS = ("created", "output_path", "cache", "timestamp")
@@ -501,11 +517,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"cold vs warm: embeddings bit-identical: {same_emb}; reports identical: {same_json}")
         from safetensors import safe_open
 
-        with safe_open(str(runs / "cold" / "emi_embeddings.safetensors"), framework="numpy") as fh:
+        with safe_open(str(run_file(runs / "cold", "emi_embeddings.safetensors")), framework="numpy") as fh:
             spec = json.loads((fh.metadata() or {}).get("encoders", "{}"))
         if spec:
             log(f"encoders recorded: vision {spec['vision']['name']}, text {spec['text']['name']}")
-        est = json.loads((runs / "cold" / "emi_report_synthetic.json").read_text()).get("estimator") or {}
+        report_json = run_file(runs / "cold", "emi_report_synthetic.json")
+        est = json.loads(report_json.read_text()).get("estimator") or {}
         log(f"estimator: {est.get('source')} {est.get('path')} ({est.get('comparability')})")
         results["encoders"] = spec
         head = [ln for ln in cold["stdout"].splitlines() if ln and not ln.startswith("reports:")][:3]

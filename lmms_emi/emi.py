@@ -21,26 +21,28 @@ Without references only the input terms D_v^½ + D_t^½ are available: a partial
 Everything here is a pure function of tensors (plus a fitted CLUB: an unfitted one raises
 :class:`~lmms_emi.errors.NotFittedError`), with no I/O. Bootstrap replicates reweight the rows of a task by
 their resampling counts and evaluate every replicate's CLUB estimates at once through
-:func:`~lmms_emi.estimators.club.weighted_club_mutual_information`, the same closed form as the estimate.
+:class:`~lmms_emi.estimators.club.WeightedEstimate`, the same closed form as the estimate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from lmms_emi.estimators.club import CLUB, club_mutual_information, weighted_club_mutual_information
-from lmms_emi.estimators.rjsd import DensityMatrix, rjsd, rjsd_between
+from lmms_emi.estimators.club import CLUB, WeightedEstimate, club_mutual_information
+from lmms_emi.estimators.rjsd import DensityMatrix, rjsd_between
 
 __all__ = [
     "BoundResult",
     "EMIResult",
     "Interval",
+    "PreparedTask",
     "ShiftDivergences",
     "TaskEmbeddings",
     "bootstrap_emi",
@@ -49,9 +51,14 @@ __all__ = [
     "emid",
     "emid_upper_bound",
     "partial_upper_bound",
+    "prepare_task",
     "query_embedding",
     "shift_divergences",
+    "task_emi",
 ]
+
+#: Bootstrap replicates evaluated per call of the statistic (scipy's ``batch``).
+BOOTSTRAP_BATCH = 256
 
 
 def _as_matrix(z: torch.Tensor, name: str, *, min_rows: int = 2) -> torch.Tensor:
@@ -123,8 +130,14 @@ def _task(emb: TaskEmbeddings | tuple, name: str) -> TaskEmbeddings:
     return TaskEmbeddings(z_v, z_t, z_model, z_ref)
 
 
+class _CheckedEmbeddings(TaskEmbeddings):
+    """Embeddings that passed :func:`_check_task` (validated, L2-normalised): not checked again."""
+
+
 def _check_task(emb: TaskEmbeddings, name: str, *, need_responses: bool) -> TaskEmbeddings:
     """Validate shapes and values of a task's embeddings; return them L2-normalised."""
+    if isinstance(emb, _CheckedEmbeddings) and not (need_responses and emb.z_model is None):
+        return emb
     z_v = _as_matrix(emb.z_v, f"{name}.z_v")
     n, d = z_v.shape
     out = []
@@ -140,7 +153,7 @@ def _check_task(emb: TaskEmbeddings, name: str, *, need_responses: bool) -> Task
         if z.shape[1] != d:
             raise ValueError(f"{name}.{field_name} has dim {z.shape[1]} but {name}.z_v has dim {d}")
         out.append(_normalised(z))
-    return TaskEmbeddings(*out)
+    return _CheckedEmbeddings(*out)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -156,20 +169,52 @@ class EMIResult:
     n: int
 
 
-def _conditionals(
-    club: CLUB, emb: TaskEmbeddings, name: str
-) -> tuple[TaskEmbeddings, torch.Tensor, torch.Tensor]:
-    """Validated, normalised embeddings and CLUB's μ(z_x), log σ²(z_x) for the task's queries (computed
-    once per task: the estimates and every bootstrap replicate reuse them)."""
-    emb = _check_task(emb, name, need_responses=True)
-    z_x = (emb.z_v + emb.z_t) / 2
-    if z_x.shape[1] != club.x_dim or emb.z_model.shape[1] != club.y_dim:
+@dataclass(frozen=True)
+class PreparedTask:
+    """A task ready for the estimator: its checked, L2-normalised embeddings, CLUB's μ(z_x) and log σ²(z_x),
+    and (built on first use) the weighted estimate of both targets that bootstrap replicates evaluate.
+
+    :func:`prepare_task` makes it once per task; :func:`task_emi`, :func:`bootstrap_emi` and
+    :func:`bootstrap_emid` take it in place of the embeddings, so an analysis of many tasks runs the
+    estimator and builds each task's bootstrap terms once, however many intervals involve the task."""
+
+    club: CLUB
+    emb: TaskEmbeddings
+    mu: torch.Tensor
+    logvar: torch.Tensor
+
+    @cached_property
+    def estimate(self) -> WeightedEstimate:
+        """Î(w) of (z_ŷ, z_y) for bootstrap weights: (2, B) per (B, n) weights."""
+        return WeightedEstimate(
+            self.mu, self.logvar, (self.emb.z_model, self.emb.z_ref), n_sets=BOOTSTRAP_BATCH
+        )
+
+
+def prepare_task(club: CLUB, emb: TaskEmbeddings | tuple | PreparedTask, name: str = "task") -> PreparedTask:
+    """Validate and normalise a task's embeddings (ValueError naming ``name`` and the field) and compute
+    CLUB's μ(z_x), log σ²(z_x) for its queries z_x = (ẑ_v + ẑ_t)/2. A task already prepared for ``club`` is
+    returned as it is."""
+    if isinstance(emb, PreparedTask):
+        if emb.club is not club:
+            raise ValueError(f"{name} was prepared for another estimator")
+        return emb
+    checked = _check_task(_task(emb, name), name, need_responses=True)
+    z_x = (checked.z_v + checked.z_t) / 2
+    if z_x.shape[1] != club.x_dim or checked.z_model.shape[1] != club.y_dim:
         raise ValueError(
             f"{name}: embeddings are {z_x.shape[1]}-dim but the estimator takes x of dim {club.x_dim} "
             f"and y of dim {club.y_dim}"
         )
     mu, logvar = club.conditional_params(z_x)
-    return emb, mu, logvar
+    return PreparedTask(club, checked, mu, logvar)
+
+
+def task_emi(task: PreparedTask, *, leave_one_out: bool = False) -> EMIResult:
+    """EMI of a prepared task: Î(z_x; z_ŷ) − Î(z_x; z_y) (see :func:`effective_mutual_information`)."""
+    mi_model = club_mutual_information(task.mu, task.logvar, task.emb.z_model, leave_one_out=leave_one_out)
+    mi_ref = club_mutual_information(task.mu, task.logvar, task.emb.z_ref, leave_one_out=leave_one_out)
+    return EMIResult(emi=mi_model - mi_ref, mi_model=mi_model, mi_ref=mi_ref, n=task.emb.n)
 
 
 def effective_mutual_information(
@@ -196,10 +241,8 @@ def effective_mutual_information(
     >>> r.emi == r.mi_model - r.mi_ref, r.n
     (True, 50)
     """
-    emb, mu, logvar = _conditionals(club, TaskEmbeddings(z_v, z_t, z_model, z_ref), "task")
-    mi_model = club_mutual_information(mu, logvar, emb.z_model, leave_one_out=leave_one_out)
-    mi_ref = club_mutual_information(mu, logvar, emb.z_ref, leave_one_out=leave_one_out)
-    return EMIResult(emi=mi_model - mi_ref, mi_model=mi_model, mi_ref=mi_ref, n=emb.n)
+    task = prepare_task(club, TaskEmbeddings(z_v, z_t, z_model, z_ref), "task")
+    return task_emi(task, leave_one_out=leave_one_out)
 
 
 def emid(p: EMIResult, q: EMIResult) -> float:
@@ -272,30 +315,59 @@ def shift_divergences(
 ) -> dict[str, ShiftDivergences]:
     """RJSD terms of P against each shifted task in ``q_embs`` (keyed by task name).
 
-    P's density matrices, entropies and D(P_ŷ‖P_y) are computed once: each further Q costs three
-    eigen-decompositions (two mixtures and Q's own D(Q_ŷ‖Q_y) needs two more) instead of twelve.
+    Every sample's density matrix and every pair's divergence is computed once, by content: P's entropies
+    and D(P_ŷ‖P_y) serve all Q, and Q tasks that share an input (the text variants of one visual shift share
+    their images, the visual variants of one text shift their questions, all tasks their references) reuse
+    its decompositions. The values are those of :func:`~lmms_emi.estimators.rjsd.rjsd` on each pair.
     """
     p = _check_task(_task(p_emb, "P"), "P", need_responses=False)
-    p_v, p_t = DensityMatrix.of_sample(p.z_v), DensityMatrix.of_sample(p.z_t)
-    d_p = _response_divergence(p)
+    memo = _DivergenceMemo()
+    d_p = _response_divergence(p, memo)
     out = {}
     for name, q_emb in q_embs.items():
         q = _check_task(_task(q_emb, name), name, need_responses=False)
         if q.z_v.shape[1] != p.z_v.shape[1] or q.z_t.shape[1] != p.z_t.shape[1]:
             raise ValueError(f"{name}: embeddings have other dimensions than the in-distribution task's")
         out[name] = ShiftDivergences(
-            jsd_visual=rjsd_between(p_v, DensityMatrix.of_sample(q.z_v)),
-            jsd_text=rjsd_between(p_t, DensityMatrix.of_sample(q.z_t)),
+            jsd_visual=memo.rjsd(p.z_v, q.z_v),
+            jsd_text=memo.rjsd(p.z_t, q.z_t),
             jsd_response_p=d_p,
-            jsd_response_q=_response_divergence(q),
+            jsd_response_q=_response_divergence(q, memo),
         )
     return out
 
 
-def _response_divergence(emb: TaskEmbeddings) -> float | None:
+class _DivergenceMemo:
+    """RJSD of sample pairs, with each distinct sample (compared in full, found by its shape and end rows)
+    decomposed once and each pair's value kept."""
+
+    def __init__(self) -> None:
+        self._samples: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        self._densities: list[DensityMatrix] = []
+        self._values: dict[tuple[int, int], float] = {}
+
+    def _index(self, z: torch.Tensor) -> int:
+        probe = (z.dtype, tuple(z.shape), tuple(z[0].tolist()), tuple(z[-1].tolist()))
+        candidates = self._samples.setdefault(probe, [])
+        for index, seen in candidates:
+            if torch.equal(seen, z):
+                return index
+        candidates.append((len(self._densities), z))
+        self._densities.append(DensityMatrix.of_sample(z))
+        return len(self._densities) - 1
+
+    def rjsd(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """:func:`~lmms_emi.estimators.rjsd.rjsd` (x, y)."""
+        pair = self._index(x), self._index(y)
+        if pair not in self._values:
+            self._values[pair] = rjsd_between(self._densities[pair[0]], self._densities[pair[1]])
+        return self._values[pair]
+
+
+def _response_divergence(emb: TaskEmbeddings, memo: _DivergenceMemo) -> float | None:
     if emb.z_model is None or emb.z_ref is None:
         return None
-    return rjsd(emb.z_model, emb.z_ref)
+    return memo.rjsd(emb.z_model, emb.z_ref)
 
 
 def emid_upper_bound(
@@ -363,40 +435,29 @@ def _percentile_bootstrap(
         method="percentile",
         paired=False,
         vectorized=True,
-        batch=256,
+        batch=BOOTSTRAP_BATCH,
         rng=np.random.default_rng(seed),
     )
     ci = res.confidence_interval
     return Interval(float(ci.low), float(ci.high), confidence_level, n_resamples)
 
 
-def _resampled_emi(
-    mu: torch.Tensor, logvar: torch.Tensor, z_model: torch.Tensor, z_ref: torch.Tensor, index: np.ndarray
-) -> np.ndarray:
+def _resampled_emi(task: PreparedTask, index: np.ndarray) -> np.ndarray:
     """EMI for each row of ``index`` (B, m) of resampled row numbers (a 1-D index is one replicate).
 
     A replicate is the CLUB estimate with row weights w = counts / m (counts: how often each row was drawn),
-    EMI(w) = Î_w(z_x; z_ŷ) − Î_w(z_x; z_y): one weighted_club_mutual_information call for both targets and
-    all B (the terms of μ and σ² are shared).
+    EMI(w) = Î_w(z_x; z_ŷ) − Î_w(z_x; z_y), both targets and all B at once (:attr:`PreparedTask.estimate`).
     """
     index = torch.as_tensor(np.atleast_2d(np.asarray(index)), dtype=torch.long)
-    counts = torch.zeros(index.shape[0], mu.shape[0], dtype=torch.int32)
+    counts = torch.zeros(index.shape[0], task.mu.shape[0], dtype=torch.int32)
     counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.int32))
-    mi_model, mi_ref = weighted_club_mutual_information(mu, logvar, (z_model, z_ref), counts)
+    mi_model, mi_ref = task.estimate(counts)
     return (mi_model - mi_ref).cpu().numpy()
-
-
-def _bootstrap_inputs(
-    club: CLUB, emb: TaskEmbeddings | tuple, name: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """μ, log σ², ẑ_ŷ, ẑ_y of a task: all a replicate needs (the normalised queries are dropped)."""
-    checked, mu, logvar = _conditionals(club, _task(emb, name), name)
-    return mu, logvar, checked.z_model, checked.z_ref
 
 
 def bootstrap_emi(
     club: CLUB,
-    emb: TaskEmbeddings | tuple,
+    emb: TaskEmbeddings | tuple | PreparedTask,
     *,
     n_resamples: int = 1000,
     confidence_level: float = 0.95,
@@ -408,10 +469,10 @@ def bootstrap_emi(
     Replicate b reweights the rows by w_b = counts_b / n, EMI_b = Î_{w_b}(z_x; z_ŷ) − Î_{w_b}(z_x; z_y), and
     the interval is the (α/2, 1 − α/2) percentiles of EMI_1..EMI_B for α = 1 − ``confidence_level``.
     """
-    task = _bootstrap_inputs(club, emb, "emb")
+    task = prepare_task(club, emb, "emb")
     return _percentile_bootstrap(
-        (np.arange(task[0].shape[0]),),
-        lambda idx, axis=-1: _resampled_emi(*task, idx),
+        (np.arange(task.emb.n),),
+        lambda idx, axis=-1: _resampled_emi(task, idx),
         n_resamples,
         confidence_level,
         seed,
@@ -420,8 +481,8 @@ def bootstrap_emi(
 
 def bootstrap_emid(
     club: CLUB,
-    p_emb: TaskEmbeddings | tuple,
-    q_emb: TaskEmbeddings | tuple,
+    p_emb: TaskEmbeddings | tuple | PreparedTask,
+    q_emb: TaskEmbeddings | tuple | PreparedTask,
     *,
     n_resamples: int = 1000,
     confidence_level: float = 0.95,
@@ -429,10 +490,10 @@ def bootstrap_emid(
 ) -> Interval:
     """Percentile bootstrap interval for EMID(P, Q), resampling the rows of P and Q independently:
     EMID_b = EMI_b(P) − EMI_b(Q), each EMI_b as in :func:`bootstrap_emi`."""
-    p, q = _bootstrap_inputs(club, p_emb, "p_emb"), _bootstrap_inputs(club, q_emb, "q_emb")
+    p, q = prepare_task(club, p_emb, "p_emb"), prepare_task(club, q_emb, "q_emb")
     return _percentile_bootstrap(
-        (np.arange(p[0].shape[0]), np.arange(q[0].shape[0])),
-        lambda ip, iq, axis=-1: _resampled_emi(*p, ip) - _resampled_emi(*q, iq),
+        (np.arange(p.emb.n), np.arange(q.emb.n)),
+        lambda ip, iq, axis=-1: _resampled_emi(p, ip) - _resampled_emi(q, iq),
         n_resamples,
         confidence_level,
         seed,

@@ -537,3 +537,84 @@ def test_score_analyze_and_eval_give_the_same_report(encoders, tmp_path, capsys)
         == 0
     )
     assert ckpt.is_file()
+
+
+# ------------------------------------------------------------------------------------------ start and exit
+def test_a_saved_dataset_is_read_as_datasets_reads_it_without_importing_datasets(demo):
+    """``load_splits`` on a save_to_disk folder gives the rows and columns ``datasets.load_from_disk`` gives
+    (images as their stored {bytes, path} records), and does not import ``datasets`` (half a second)."""
+    code = (
+        "import json, sys; from lmms_emi.sources.datasets import load_splits, column_values; "
+        f"s = load_splits({str(demo / 'dataset')!r}, 'synthetic', {SCENARIOS!r}); "
+        "print(json.dumps({'datasets': 'datasets' in sys.modules, "
+        "'type': type(s[SCEN[0]]).__name__, 'rows': [len(s[x]) for x in SCEN]}))"
+    ).replace("SCEN", repr(SCENARIOS))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["datasets"] is False and seen["type"] == "Table"
+
+    import datasets
+
+    from lmms_emi.sources.datasets import column_values, encoded_images, load_splits
+
+    tables = load_splits(str(demo / "dataset"), "synthetic", SCENARIOS)
+    saved = datasets.load_from_disk(str(demo / "dataset"))
+    for split in SCENARIOS:
+        ds = saved[split].cast_column("image", datasets.Image(decode=False))
+        assert tables[split].column_names == ds.column_names
+        assert seen["rows"][SCENARIOS.index(split)] == len(ds) == len(tables[split])
+        for column in ds.column_names:
+            assert column_values(tables[split], column) == list(ds[column]), (split, column)
+            assert column_values(saved[split], column, [2, 0]) == [ds[2][column], ds[0][column]]
+        assert encoded_images(tables[split], "image") == list(ds["image"])
+        assert all(isinstance(x["bytes"], bytes) for x in encoded_images(tables[split], "image"))
+
+
+def test_a_saved_dataset_of_another_layout_is_read_by_datasets(demo, tmp_path):
+    import shutil
+
+    from lmms_emi.sources.datasets import column_values, saved_splits
+
+    copy = tmp_path / "dataset"
+    shutil.copytree(demo / "dataset", copy)
+    state = copy / SCENARIOS[1] / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "_data_files": "not a list"}))
+    with pytest.raises(Exception):  # noqa: B017 - datasets itself refuses this folder, as lmms-eval would
+        saved_splits(copy, SCENARIOS)
+    state.unlink()  # no state.json at all: handed to datasets, which refuses it too
+    with pytest.raises(FileNotFoundError):
+        saved_splits(copy, SCENARIOS)
+    first = saved_splits(copy, SCENARIOS[:1])[SCENARIOS[0]]  # the intact split still reads directly
+    assert column_values(first, "question")
+
+
+def test_the_console_script_runs_exit_handlers_flushes_and_waits_for_threads(tmp_path):
+    """The console script skips the interpreter's teardown, but not what a normal exit promises: exit
+    handlers run, buffered output reaches its pipe, the exit status is kept, and a running non-daemon thread
+    is waited for."""
+    marker = tmp_path / "thread_done"
+    code = f"""
+import atexit, sys, threading, time
+atexit.register(lambda: print("handler ran"))
+def late():
+    time.sleep(0.5)
+    open({str(marker)!r}, "w").close()
+threading.Thread(target=late).start()
+sys.stdout.write("buffered, no newline")
+sys.argv = ["lmms-emi", "tasks-path"]
+from lmms_emi.cli import console_main
+console_main()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("buffered, no newline") and "tasks" in proc.stdout
+    assert proc.stdout.rstrip().endswith("handler ran")
+    assert marker.is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmms_emi.cli", "score", "--responses", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "error:" in bad.stderr

@@ -112,11 +112,12 @@ def conditionals(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
     return mu, logvar, 0.5 * mu + torch.randn(n, d, generator=g)
 
 
-def test_weighted_form_with_uniform_weights_equals_the_pairwise_oracle():
+@pytest.mark.parametrize("form", ["moments", "gram", "auto"])
+def test_weighted_form_with_uniform_weights_equals_the_pairwise_oracle(form):
     mu, logvar, y = conditionals(40, 6, seed=20)
     oracle = float(pairwise_log_q(mu, logvar, y).diagonal().mean() - pairwise_log_q(mu, logvar, y).mean())
     uniform = weighted_club_mutual_information(
-        mu, logvar, y, torch.full((1, 40), 1 / 40, dtype=torch.float64)
+        mu, logvar, y, torch.full((1, 40), 1 / 40, dtype=torch.float64), form=form
     )
     assert uniform.shape == (1,) and uniform.dtype == torch.float64
     assert float(uniform[0]) == pytest.approx(oracle, rel=1e-12)
@@ -124,16 +125,17 @@ def test_weighted_form_with_uniform_weights_equals_the_pairwise_oracle():
     # any non-negative weights: rows are normalised to sum 1, each against the N×N oracle
     w = torch.rand(3, 40, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
     w[1, :10] = 0
-    got = weighted_club_mutual_information(mu, logvar, y, w)
+    got = weighted_club_mutual_information(mu, logvar, y, w, form=form)
     want = [brute_force_weighted_mi(mu, logvar, y, row / row.sum()) for row in w]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
-def test_integer_count_weights_equal_the_estimate_on_the_resampled_rows():
+@pytest.mark.parametrize("form", ["moments", "gram"])
+def test_integer_count_weights_equal_the_estimate_on_the_resampled_rows(form):
     mu, logvar, y = conditionals(60, 5, seed=22)
     index = torch.randint(60, (4, 60), generator=torch.Generator().manual_seed(23))
     counts = torch.zeros(4, 60, dtype=torch.int64).scatter_add_(1, index, torch.ones_like(index))
-    got = weighted_club_mutual_information(mu, logvar, y, counts)
+    got = weighted_club_mutual_information(mu, logvar, y, counts, form=form)
     for row, idx in zip(got.tolist(), index, strict=True):
         assert row == pytest.approx(club_mutual_information(mu[idx], logvar[idx], y[idx]), rel=1e-12)
 
@@ -149,6 +151,23 @@ def test_chunk_boundaries_do_not_change_the_weighted_value(monkeypatch):
         weighted_club_mutual_information(mu, logvar, y, weights), whole, rtol=1e-12, atol=0
     )
     assert club_mutual_information(mu, logvar, y) == pytest.approx(plain, rel=1e-12)
+
+
+def test_the_gram_and_moments_forms_agree_on_a_bootstrap_of_wide_embeddings():
+    # the shapes of a real bootstrap batch: 90 samples of 768-dim embeddings, 256 replicates, two targets
+    mu, logvar, y1 = conditionals(90, 768, seed=27)
+    y2 = torch.randn(90, 768, generator=torch.Generator().manual_seed(28))
+    index = torch.randint(90, (256, 90), generator=torch.Generator().manual_seed(29))
+    counts = torch.zeros(256, 90, dtype=torch.int64).scatter_add_(1, index, torch.ones_like(index))
+    moments = weighted_club_mutual_information(mu, logvar, (y1, y2), counts, form="moments")
+    gram = weighted_club_mutual_information(mu, logvar, (y1, y2), counts, form="gram")
+    assert gram.shape == moments.shape == (2, 256)
+    torch.testing.assert_close(gram, moments, rtol=1e-12, atol=1e-12)
+    assert club_module._gram_is_cheaper(90, 768, 256, 2)  # "auto" takes the gram form here ...
+    assert not club_module._gram_is_cheaper(90, 768, 1, 1)  # ... but not for the plain estimate
+    assert not club_module._gram_is_cheaper(5000, 768, 256, 2)  # nor when n > d
+    with pytest.raises(ValueError, match="form must be"):
+        weighted_club_mutual_information(mu, logvar, y1, counts, form="fast")
 
 
 @pytest.mark.parametrize(

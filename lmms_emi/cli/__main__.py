@@ -1,7 +1,5 @@
 """``python -m lmms_emi.cli ...`` (same as ``lmms-emi ...``)."""
 
-import sys
+from lmms_emi.cli import console_main
 
-from lmms_emi.cli import main
-
-sys.exit(main())
+console_main()

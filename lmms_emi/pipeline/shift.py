@@ -281,9 +281,9 @@ def _embedding_warnings(emb: TaskEmbeddings) -> list[str]:
     return out
 
 
-def _estimator_warnings(club: CLUB, emb: TaskEmbeddings) -> list[str]:
+def _estimator_warnings(task: emi_lib.PreparedTask) -> list[str]:
     """An estimator degenerate on these queries: constant μ(x), or log σ²(x) pinned at its upper bound."""
-    mu, logvar = club.conditional_params(emb.query)
+    mu, logvar = task.mu, task.logvar
     out = []
     spread = float((mu - mu.mean(dim=0)).abs().max())
     if spread <= 1e-6 * max(1.0, float(mu.abs().max())):
@@ -338,17 +338,19 @@ def analyze_shift(
 
     emi_results: dict[str, emi_lib.EMIResult | None] = {}
     emi_cis: dict[str, tuple[float, float] | None] = {}
+    prepared: dict[str, emi_lib.PreparedTask] = {}  # the estimator runs once per task, for every number
     for task, emb in task_embeddings.items():
         if emb.z_model is None or emb.z_ref is None:
             emi_results[task], emi_cis[task] = None, None
             continue
-        emi_results[task] = _with_task(task, emi_lib.effective_mutual_information, club, *emb)
+        prepared[task] = _with_task(task, emi_lib.prepare_task, club, emb, "task")
+        emi_results[task] = emi_lib.task_emi(prepared[task])
         if resamples(task):
             ci = _with_task(
                 task,
                 emi_lib.bootstrap_emi,
                 club,
-                emb,
+                prepared[task],
                 n_resamples=n_resamples,
                 confidence_level=confidence_level,
                 seed=task_seed(seed, task),
@@ -366,13 +368,15 @@ def analyze_shift(
         elif n_resamples and task_embeddings[id_task].n < MIN_INTERVAL_SAMPLES:
             flags[task].append(f"no EMID interval: the ID task {id_task} has too few samples")
         flags[task].extend(same[task])
-        if emi_results[task] is not None:  # the embeddings passed the EMI checks
-            flags[task].extend(_estimator_warnings(club, emb))
+        if task in prepared:  # the embeddings passed the EMI checks
+            flags[task].extend(_estimator_warnings(prepared[task]))
 
-    p_emb, p_emi = task_embeddings[id_task], emi_results[id_task]
-    # every RJSD term against the ID task in one pass (the ID task's spectra are computed once)
+    p_emi = emi_results[id_task]
+    # every RJSD term against the ID task in one pass (each distinct sample's spectrum is computed once),
+    # on the embeddings the estimator saw (validated and normalised once)
+    checked = {task: prepared[task].emb if task in prepared else emb for task, emb in task_embeddings.items()}
     divergences = emi_lib.shift_divergences(
-        p_emb, {task: emb for task, emb in task_embeddings.items() if task != id_task}
+        checked[id_task], {task: emb for task, emb in checked.items() if task != id_task}
     )
     results: list[TaskResult] = []
     for task, emb in task_embeddings.items():
@@ -404,8 +408,8 @@ def analyze_shift(
                     task,
                     emi_lib.bootstrap_emid,
                     club,
-                    p_emb,
-                    emb,
+                    prepared[id_task],
+                    prepared[task],
                     n_resamples=n_resamples,
                     confidence_level=confidence_level,
                     seed=task_seed(seed, f"{id_task}->{task}"),

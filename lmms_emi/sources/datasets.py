@@ -5,6 +5,11 @@ lmms-eval 0.7.3 loads a task's data with ``datasets.load_from_disk(dataset_path)
 ``dataset_kwargs.load_from_disk`` is true, else ``datasets.load_dataset(dataset_path, **dataset_kwargs)``
 (so a local parquet copy is ``dataset_path: parquet`` + ``data_files``): :func:`local_dataset` returns
 exactly those two, and :func:`load_split` reads a split back the same way.
+
+A split is a ``datasets.Dataset`` or, for a ``save_to_disk`` folder read by :func:`load_splits`, the
+``pyarrow.Table`` that ``load_from_disk`` would wrap (read from the same memory-mapped Arrow files, without
+importing ``datasets``: half a second of a warm run). Both have ``column_names`` and ``len``; read columns
+with :func:`column_values`.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ __all__ = [
     "REFERENCE_COLUMNS",
     "ColumnNames",
     "LocalDataset",
+    "column_values",
     "encoded_images",
     "load_split",
     "load_splits",
     "local_dataset",
     "quiet_hub",
+    "saved_splits",
 ]
 
 QUESTION_COLUMNS = ("question", "prompt", "instruction", "text")
@@ -110,26 +117,71 @@ def load_split(dataset_path: str, split: str, dataset_kwargs: Mapping[str, Any] 
         return datasets.load_dataset(dataset_path, split=split, **kwargs)
 
 
+def _read_saved_split(folder: Path) -> Any:
+    """One split folder of a ``save_to_disk`` copy as a ``pyarrow.Table`` (its ``state.json`` lists the Arrow
+    stream files ``load_from_disk`` memory-maps and concatenates), or None for a layout this does not know."""
+    import pyarrow as pa
+
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        files = [folder / entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not files or state.get("_indices_data_files"):
+        return None
+    tables = [pa.ipc.open_stream(pa.memory_map(str(file))).read_all() for file in files]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def saved_splits(path: str | Path, splits: Sequence[str]) -> dict[str, Any]:
+    """``{split: table}`` of a ``DatasetDict.save_to_disk`` folder: the Arrow tables ``load_from_disk`` would
+    give (rows and columns as stored), read without importing ``datasets``; a split folder of an unknown
+    layout is loaded by ``datasets.load_from_disk`` instead."""
+    root = Path(path)
+    out: dict[str, Any] = {}
+    for split in splits:
+        table = _read_saved_split(root / split)
+        if table is None:
+            import datasets
+
+            return {s: datasets.load_from_disk(str(root))[s] for s in splits}
+        out[split] = table
+    return out
+
+
+def column_values(split: Any, column: str, rows: Sequence[int] | None = None) -> list[Any]:
+    """A column of a split (``datasets.Dataset`` or ``pyarrow.Table``) as Python values, in one Arrow pass:
+    values as stored, so an image column gives its ``{"bytes", "path"}`` records, never decoded pixels.
+    ``rows``: only these row numbers, in this order."""
+    if not hasattr(split, "with_format"):  # a pyarrow.Table
+        table = split if rows is None else split.take(list(rows))
+        return table.column(column).to_pylist()
+    if rows is not None:
+        split = split.select(rows)
+    return split.with_format("arrow")[column].to_pylist()
+
+
 def load_splits(dataset: str | None, benchmark: str, splits: Sequence[str]) -> dict[str, Any]:
-    """{split: datasets.Dataset} from a local copy (``--dataset PATH``) or the benchmark's hub dataset."""
+    """{split: table or datasets.Dataset} from a local copy (``--dataset PATH``; a ``save_to_disk`` folder is
+    read by :func:`saved_splits`) or the benchmark's hub dataset."""
+    source = dataset or sc.DATASET[benchmark]
+    if Path(source).expanduser().exists():
+        local = local_dataset(source, option="--dataset")
+        missing = [s for s in splits if s not in local.splits]
+        if missing:
+            shown = ", ".join(local.splits[:4]) + (", ..." if len(local.splits) > 4 else "")
+            raise UsageError(
+                f"dataset {source} has no split {missing[0]!r} ({len(missing)} missing; it has "
+                f"{shown}); restrict with --scenarios"
+            )
+        if local.kwargs.get("load_from_disk"):
+            return saved_splits(local.path, splits)
     import datasets
 
-    source = dataset or sc.DATASET[benchmark]
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
         if Path(source).expanduser().exists():
-            local = local_dataset(source, option="--dataset")
-            missing = [s for s in splits if s not in local.splits]
-            if missing:
-                shown = ", ".join(local.splits[:4]) + (", ..." if len(local.splits) > 4 else "")
-                raise UsageError(
-                    f"dataset {source} has no split {missing[0]!r} ({len(missing)} missing; it has "
-                    f"{shown}); restrict with --scenarios"
-                )
-            if local.kwargs.get("load_from_disk"):
-                saved = datasets.load_from_disk(local.path)  # one load for every split
-                return {s: saved[s] for s in splits}
             return {s: load_split(local.path, s, local.kwargs) for s in splits}
         out = {}
         for split in splits:
@@ -179,11 +231,4 @@ def _column(ds: Any, candidates: Sequence[str], override: str | None, split: str
 def encoded_images(ds: Any, column: str, rows: Sequence[int] | None = None) -> list[Any]:
     """The image column as stored (encoded bytes / path dicts, not decoded PIL images): the embedder decodes
     and hashes them, so every entry point sees identical inputs."""
-    import datasets
-
-    raw = ds.select_columns([column])
-    if isinstance(raw.features[column], datasets.Image):
-        raw = raw.cast_column(column, datasets.Image(decode=False))
-    if rows is not None:
-        raw = raw.select(rows)
-    return list(raw[column])
+    return column_values(ds, column, rows)

@@ -18,7 +18,7 @@ from lmms_emi.errors import UsageError
 from lmms_emi.judge import Judgment
 from lmms_emi.metrics import RECORD_METRIC
 from lmms_emi.pipeline.records import Sample
-from lmms_emi.sources.datasets import IMAGE_COLUMNS, encoded_images, load_split, load_splits
+from lmms_emi.sources.datasets import IMAGE_COLUMNS, column_values, encoded_images, load_split, load_splits
 
 __all__ = ["RunRecords", "model_name", "read_run"]
 
@@ -74,7 +74,7 @@ class RunRecords:
                 "(is --dataset the data the run used?)"
             )
         if "question_id" in ds.column_names:  # guard against a different dataset than the run's
-            qids = [int(q) for q in ds.select(doc_ids)["question_id"]]
+            qids = [int(q) for q in column_values(ds, "question_id", doc_ids)]
             for r, q in zip(records, qids, strict=True):
                 if r.get("question_id") is not None and int(r["question_id"]) != q:
                     raise UsageError(
