@@ -24,6 +24,7 @@ import numpy as np
 from lmms_emi._io import atomic_write, atomic_write_text, scratch_dir
 from lmms_emi.embed.store import EMBEDDINGS_FILE, save_embeddings
 from lmms_emi.estimator_registry import file_sha256
+from lmms_emi.figure import FigureWorker, ScatterFigure, draw
 from lmms_emi.pipeline.estimator import FITTED_CHECKPOINT_NAME
 from lmms_emi.pipeline.run import RunAnalysis
 from lmms_emi.pipeline.shift import ShiftAnalysis, TaskResult, json_ready
@@ -208,54 +209,36 @@ def to_markdown(analysis: ShiftAnalysis) -> str:
     return "\n".join(lines) + "\n"
 
 
-_KIND_COLOURS = {"visual": "tab:blue", "text": "tab:orange", "joint": "tab:red", "ood": "tab:grey"}
-
-
-def _write_png(analysis: ShiftAnalysis, path: Path) -> None:
-    """Scatter of EMID (y) against the scale-adjusted bound (x), least-squares line, r in the title."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: Agg canvas, no global backend change, thread-safe
-
+def emid_figure(analysis: ShiftAnalysis) -> ScatterFigure:
+    """The report's figure: EMID (y) against the scale-adjusted bound (x) of each OOD task, with r in the
+    title."""
     rows = [t for t in analysis.ood_tasks if t.emid is not None and t.bound is not None]
-    fig = Figure(figsize=(6.4, 4.8), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for kind, colour in _KIND_COLOURS.items():
-        pts = [t for t in rows if t.shift_kind == kind]
-        if pts:
-            ax.scatter([t.bound for t in pts], [t.emid for t in pts], c=colour, label=kind, s=28, alpha=0.85)
-    if len(rows) >= 2 and len({t.bound for t in rows}) >= 2:
-        x = np.array([t.bound for t in rows])
-        y = np.array([t.emid for t in rows])
-        slope, intercept = np.polyfit(x, y, 1)
-        xs = np.linspace(x.min(), x.max(), 50)
-        ax.plot(xs, slope * xs + intercept, color="black", lw=1.2, label=f"least squares (slope {slope:.3g})")
     corr = analysis.correlation
     model = analysis.metadata.get("model")
     head = f"{model}: " if model else ""
     r_text = "n/a (< 3 OOD tasks)" if corr is None else f"{corr.pearson_r:.3f} (p = {corr.pearson_p:.2g})"
-    # two lines: a model name plus the statistics do not fit the figure's width on one
-    ax.set_title(
-        f"{head}EMID vs its upper bound\nPearson r = {r_text}, n = {len(rows)} OOD tasks", fontsize=10
+    return ScatterFigure(
+        bounds=tuple(t.bound for t in rows),
+        emids=tuple(t.emid for t in rows),
+        kinds=tuple(t.shift_kind for t in rows),
+        # two lines: a model name plus the statistics do not fit the figure's width on one
+        title=f"{head}EMID vs its upper bound\nPearson r = {r_text}, n = {len(rows)} OOD tasks",
+        # plain Unicode, no mathtext: its parser is the slowest part of drawing this figure
+        xlabel="EMID upper bound  √D_v + √D_t + D_P^¼ + D_Q^¼  (scale-adjusted)",
+        ylabel=f"EMID = EMI(ID) − EMI(OOD)  [nats]\nID: {analysis.id_task}",
     )
-    # plain Unicode, no mathtext: its parser is the slowest part of drawing this figure
-    ax.set_xlabel("EMID upper bound  √D_v + √D_t + D_P^¼ + D_Q^¼  (scale-adjusted)")
-    ax.set_ylabel(f"EMID = EMI(ID) − EMI(OOD)  [nats]\nID: {analysis.id_task}", fontsize=9)
-    ax.axhline(0.0, color="grey", lw=0.6, ls=":")
-    ax.grid(alpha=0.3)
-    if rows:
-        ax.legend(fontsize=8, loc="best")
-    else:
-        ax.text(0.5, 0.5, "no OOD task with EMID and bound", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
 
 
 def write_report(
-    analysis: ShiftAnalysis, out_dir: str | Path, *, prefix: str = "emi_report"
+    analysis: ShiftAnalysis,
+    out_dir: str | Path,
+    *,
+    prefix: str = "emi_report",
+    figures: FigureWorker | None = None,
 ) -> dict[str, Path]:
     """Write ``<prefix>.json``, ``.csv``, ``.md`` and ``.png`` into ``out_dir``; return their paths by kind
-    ("json", "csv", "markdown", "png")."""
+    ("json", "csv", "markdown", "png"). ``figures``: the run's figure helper (:mod:`lmms_emi.figure`); the
+    PNG is drawn in this process without one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {**analysis.to_dict(), "summary": json_ready(robustness_summary(analysis))}
@@ -267,7 +250,8 @@ def write_report(
     paths: dict[str, Path] = {}
     for kind, (name, text) in texts.items():
         paths[kind] = atomic_write_text(out / name, text)
-    paths["png"] = atomic_write(out / f"{prefix}.png", lambda tmp: _write_png(analysis, tmp))
+    draw_png = figures.draw if figures is not None else draw
+    paths["png"] = atomic_write(out / f"{prefix}.png", lambda tmp: draw_png(emid_figure(analysis), tmp))
     return paths
 
 
@@ -287,7 +271,7 @@ class _PrefixTaken(Exception):
 
 
 def write_run_reports(
-    run: RunAnalysis, out_dir: str | Path, *, run_id: str | None = None
+    run: RunAnalysis, out_dir: str | Path, *, run_id: str | None = None, figures: FigureWorker | None = None
 ) -> dict[str, dict[str, Path]]:
     """Write everything a run produced into ``out_dir``, every name prefixed with the run's id: the
     embeddings file (``<id>_emi_embeddings.safetensors``), the fitted estimator when the run fitted one
@@ -299,20 +283,22 @@ def write_run_reports(
     is ever replaced: the files are written to a private staging folder and published with hard links that
     refuse existing names; when the id is taken (two runs in one second), ``<id>-2``, ``<id>-3``, ... is
     used. Returns {report name: {kind: path}} plus ``"run"`` with the embeddings and estimator paths.
-    Updates ``run`` with the estimator's saved path."""
+    Updates ``run`` with the estimator's saved path. ``figures``: as for :func:`write_report`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = run_id or new_run_id()
     for attempt in range(1, 1000):
         prefix = base if attempt == 1 else f"{base}-{attempt}"
         try:
-            return _publish_run_reports(run, out, prefix)
+            return _publish_run_reports(run, out, prefix, figures)
         except _PrefixTaken:
             continue
     raise FileExistsError(f"{out}: no free run id after {base}-999")
 
 
-def _publish_run_reports(run: RunAnalysis, out: Path, prefix: str) -> dict[str, dict[str, Path]]:
+def _publish_run_reports(
+    run: RunAnalysis, out: Path, prefix: str, figures: FigureWorker | None
+) -> dict[str, dict[str, Path]]:
     embeddings_name = f"{prefix}_{EMBEDDINGS_FILE}"
     if (out / embeddings_name).exists():
         raise _PrefixTaken
@@ -335,7 +321,7 @@ def _publish_run_reports(run: RunAnalysis, out: Path, prefix: str) -> dict[str, 
             run.singles = {k: a.with_context(estimator=run.estimator) for k, a in run.singles.items()}
         written: dict[str, dict[str, Path]] = {}
         for report_name, analysis in run.analyses.items():
-            paths = write_report(analysis, staging, prefix=f"{prefix}_{report_name}")
+            paths = write_report(analysis, staging, prefix=f"{prefix}_{report_name}", figures=figures)
             staged.extend(p.name for p in paths.values())
             written[report_name] = {kind: out / p.name for kind, p in paths.items()}
         if run.judge is not None:  # EMI vs the judge's win rate (lmms_emi.report_agreement)

@@ -618,3 +618,21 @@ console_main()
         timeout=120,
     )
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["tasks-path"], ["leaderboard", "--help"], ["demo-data", "--help"]]
+)
+def test_light_commands_import_no_heavy_library(args):
+    """``lmms-emi --help`` and the subcommands without encoders or estimators import no torch, scipy,
+    datasets, matplotlib or lmms-eval: they answer at once."""
+    heavy = ("torch", "scipy.stats", "datasets", "matplotlib", "transformers", "lmms_eval")
+    code = (
+        "import sys\nfrom lmms_emi.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+        f"    print('HEAVY', [m for m in {heavy!r} if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("HEAVY"))
+    assert line == "HEAVY []", line
+    assert "score" in proc.stdout or args != ["--help"]

@@ -20,35 +20,38 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
-from lmms_emi.cli import analyze, demo_data, estimators, leaderboard, score, tasks_path, train_estimator
-from lmms_emi.cli import eval as eval_command
+from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.errors import EXIT_INTERRUPTED, EXIT_USAGE, LmmsEmiError, one_line
 
 __all__ = ["build_parser", "console_main", "exit_without_teardown", "main"]
 
-_SUBCOMMANDS = (analyze, score, train_estimator, demo_data, leaderboard, tasks_path, estimators)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``lmms-emi`` parser. The subcommands in ``full`` (default: all) get their whole parser, which
+    imports their module; the others are only listed, so ``lmms-emi --help`` imports none of them."""
     parser = argparse.ArgumentParser(
         prog="lmms-emi",
         description="Effective mutual information (EMI) of multimodal LLMs under distribution shift.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser(eval_command.NAME, help=eval_command.HELP, add_help=False)
-    for module in _SUBCOMMANDS:
-        module.add_parser(sub).set_defaults(run=module.run)
+    wanted = set(COMMANDS if full is None else full)
+    for name, command in COMMANDS.items():
+        if name in wanted and name != "eval":  # eval hands its arguments to lmms-eval
+            module = importlib.import_module(command.module)
+            module.add_parser(sub).set_defaults(run=module.run)
+        else:
+            sub.add_parser(name, help=command.help, add_help=False)
     return parser
 
 
-def _report(command: str, exc: BaseException, debug: bool) -> int:
+def _error_status(command: str, exc: BaseException, debug: bool) -> int:
     if debug:
         raise exc
     print(f"lmms-emi {command}: error: {one_line(exc)}", file=sys.stderr)
@@ -59,10 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lmms-emi``; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("LMMS_EMI_DEBUG", "") not in ("", "0") or "--debug" in args
-    if args and args[0] == eval_command.NAME:
-        command, run = eval_command.NAME, lambda: eval_command.run(args[1:])
+    if args and args[0] == "eval":
+        eval_command = importlib.import_module(COMMANDS["eval"].module)
+        command, run = "eval", lambda: eval_command.run(args[1:])
     else:
-        parser = build_parser()
+        chosen = next((a for a in args if not a.startswith("-")), None)  # the subcommand, if any
+        parser = build_parser([chosen] if chosen in COMMANDS else [])
         ns = parser.parse_args(args)
         if ns.command is None:
             parser.print_help()
@@ -76,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # lmms-eval's --tasks list and friends end with sys.exit()
         return exc.code if isinstance(exc.code, int) else 0
     except (LmmsEmiError, ValueError, FileNotFoundError) as exc:
-        return _report(command, exc, debug)
+        return _error_status(command, exc, debug)
 
 
 def console_main() -> NoReturn:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmms_emi.embed import Embedder
 from lmms_emi.judge import API_KEY_ENV, JudgeConfig
-from lmms_emi.pipeline.estimator import DEFAULT_PATIENCE, EstimatorPolicy
-from lmms_emi.pipeline.shift import AnalysisSettings
 from lmms_emi.sources.datasets import quiet_hub
+
+if TYPE_CHECKING:  # imported where used: a subcommand without encoders or estimators starts without torch
+    from lmms_emi.embed import Embedder
+    from lmms_emi.pipeline.estimator import EstimatorPolicy
+    from lmms_emi.pipeline.shift import AnalysisSettings
 
 __all__ = [
     "HelpFormatter",
@@ -93,6 +95,8 @@ def add_encoder_options(p: argparse.ArgumentParser, *, legacy: bool = True) -> N
 
 def add_estimator_options(p: argparse.ArgumentParser, *, legacy: bool = True, estimator: bool = True) -> None:
     """``--estimator``, ``--estimator-steps`` and ``--emi-seed``."""
+    from lmms_emi.pipeline.estimator import DEFAULT_PATIENCE
+
     g = p.add_argument_group("estimator")
     if estimator:
         g.add_argument(
@@ -176,11 +180,15 @@ def embedder_overrides(ns: argparse.Namespace) -> dict[str, Any]:
 def build_embedder(ns: argparse.Namespace) -> Embedder:
     """The Embedder of ``--encoders`` with overrides (reads the encoders' configs; a failure is one
     :class:`~lmms_emi.errors.EncoderLoadError` line naming the ways out)."""
+    from lmms_emi.embed import Embedder
+
     with quiet_hub():
         return Embedder.from_profile(ns.encoders, **embedder_overrides(ns))
 
 
 def policy_from(ns: argparse.Namespace) -> EstimatorPolicy:
+    from lmms_emi.pipeline.estimator import EstimatorPolicy
+
     return EstimatorPolicy(
         ns.estimator,
         steps=ns.estimator_steps,
@@ -191,6 +199,8 @@ def policy_from(ns: argparse.Namespace) -> EstimatorPolicy:
 
 
 def settings_from(ns: argparse.Namespace) -> AnalysisSettings:
+    from lmms_emi.pipeline.shift import AnalysisSettings
+
     return AnalysisSettings(ns.entropy_scale, ns.bootstrap, ns.confidence, ns.emi_seed)
 
 

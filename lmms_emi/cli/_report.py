@@ -11,6 +11,7 @@ from typing import Any
 from lmms_emi._io import ensure_writable_dir
 from lmms_emi.embed import Embedder
 from lmms_emi.errors import EXIT_OK, UsageError
+from lmms_emi.figure import FigureWorker
 from lmms_emi.pipeline.agreement import JudgeRun
 from lmms_emi.pipeline.estimator import EstimatorPolicy
 from lmms_emi.pipeline.records import Sample
@@ -41,14 +42,16 @@ def finish(
     metadata: Mapping[str, Any],
     out_dir: Path,
     judge: JudgeRun | None = None,
+    figures: FigureWorker | None = None,
 ) -> int:
     """Run the pipeline on ``samples`` (with the judge step when ``judge`` is given), write the run's reports
-    into ``out_dir`` and print the headlines."""
+    into ``out_dir`` (figures by ``figures``, the command's figure helper, when given) and print the
+    headlines."""
     check_output_dir(out_dir)  # before the embedding, not after it
     run = analyze_run(
         samples, embedder=embedder, policy=policy, settings=settings, metadata=metadata, judge=judge
     )
-    written = write_run_reports(run, out_dir)
+    written = write_run_reports(run, out_dir, figures=figures)
     for line in format_headlines(run):
         print(line)
     for name, paths in written.items():

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import (
     HelpFormatter,
     add_analysis_options,
@@ -19,13 +20,14 @@ from lmms_emi.cli._options import (
     settings_from,
 )
 from lmms_emi.cli._report import check_sizes, finish
+from lmms_emi.figure import FigureWorker
 from lmms_emi.judge import Judge
 from lmms_emi.metrics import RECORD_METRIC
 from lmms_emi.pipeline.agreement import JudgeRun
 from lmms_emi.sources.run_folder import read_run
 
 NAME = "analyze"
-HELP = "report from an lmms-eval output folder written with --log_samples"
+HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,6 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(ns: argparse.Namespace) -> int:
+    with FigureWorker() as figures:  # matplotlib loads in a helper process while the run works
+        return _run(ns, figures)
+
+
+def _run(ns: argparse.Namespace, figures: FigureWorker) -> int:
     records = read_run(ns.run_dir, metric=ns.metric)
     check_sizes({task: len(rows) for task, rows in records.records.items()})
     policy, settings = policy_from(ns), settings_from(ns)
@@ -74,4 +81,4 @@ def run(ns: argparse.Namespace) -> int:
         "results_file": records.results_file,
     }
     out = Path(ns.output_path) if ns.output_path else Path(ns.run_dir) / "emi_report"
-    return finish(ns, samples, embedder, policy, settings, metadata, out, judge=judge)
+    return finish(ns, samples, embedder, policy, settings, metadata, out, judge=judge, figures=figures)

@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 from lmms_emi import scenarios as sc
+from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import HelpFormatter, add_option
 from lmms_emi.demo_data import DEMO_MODEL, build_demo_dataset, write_demo_responses
 from lmms_emi.errors import EXIT_OK
 
 NAME = "demo-data"
-HELP = "build the offline demo dataset and a demo model's responses"
+HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -6,12 +6,12 @@ import argparse
 import json
 
 from lmms_emi import estimator_registry as registry
+from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import HelpFormatter
 from lmms_emi.errors import EXIT_OK, LmmsEmiError, one_line
-from lmms_emi.pipeline.estimator import entry_encoders
 
 NAME = "estimators"
-HELP = "list the registered pre-trained estimators (--estimator NAME) and where they are on this machine"
+HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,6 +42,8 @@ def _status(entry: registry.RegistryEntry) -> tuple[str, str | None]:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from lmms_emi.pipeline.estimator import entry_encoders  # (torch: only when it runs)
+
     entries = registry.load_registry()
     if ns.fetch is not None:
         for name in ns.fetch or sorted(entries):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import (
     HelpFormatter,
     add_analysis_options,
@@ -22,7 +23,7 @@ from lmms_emi.harness.launch import run_eval
 from lmms_emi.harness.options import EMIOptions
 
 NAME = "eval"
-HELP = "run lmms-eval with the plugin's tasks (arguments go to lmms-eval; see `lmms-emi eval --help`)"
+HELP = COMMANDS[NAME].help
 
 
 def build_parser() -> argparse.ArgumentParser:

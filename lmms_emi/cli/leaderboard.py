@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import HelpFormatter, add_option
 from lmms_emi.errors import EXIT_OK
 from lmms_emi.leaderboard import DEFAULT_SORT, build_leaderboard, write_leaderboard
 
 NAME = "leaderboard"
-HELP = "merge several models' / runs' results into one EMI leaderboard"
+HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lmms_emi import scenarios as sc
+from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import (
     HelpFormatter,
     add_analysis_options,
@@ -22,13 +23,14 @@ from lmms_emi.cli._options import (
 )
 from lmms_emi.cli._report import check_output_dir, check_sizes, finish
 from lmms_emi.errors import UsageError
+from lmms_emi.figure import FigureWorker
 from lmms_emi.judge import Judge
 from lmms_emi.pipeline.agreement import JudgeRun
 from lmms_emi.sources.datasets import ColumnNames, load_splits, local_dataset
 from lmms_emi.sources.response_files import collect_samples, only_model
 
 NAME = "score"
-HELP = "EMI / EMID / bound from saved response files against a dataset"
+HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -81,6 +83,11 @@ def _scenarios(ns: argparse.Namespace) -> list[sc.Scenario]:
 
 
 def run(ns: argparse.Namespace) -> int:
+    with FigureWorker() as figures:  # matplotlib loads in a helper process while the run works
+        return _run(ns, figures)
+
+
+def _run(ns: argparse.Namespace, figures: FigureWorker) -> int:
     check_output_dir(ns.output_path)  # an unusable report folder fails before any data loads
     scenarios = _scenarios(ns)
     if not Path(ns.responses).is_dir():
@@ -107,4 +114,5 @@ def run(ns: argparse.Namespace) -> int:
         "responses": str(ns.responses),
         "encoders": ns.encoders,
     }
-    return finish(ns, samples, embedder, policy, settings, metadata, Path(ns.output_path), judge=judge)
+    out = Path(ns.output_path)
+    return finish(ns, samples, embedder, policy, settings, metadata, out, judge=judge, figures=figures)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import HelpFormatter
 from lmms_emi.errors import EXIT_OK, UsageError
 from lmms_emi.harness.overrides import build_include_dir, parse_data_args
 from lmms_emi.paths import tasks_dir
 
 NAME = "tasks-path"
-HELP = "print the plugin's lmms-eval task folder (for lmms-eval --include_path)"
+HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

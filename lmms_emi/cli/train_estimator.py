@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import HelpFormatter, add_estimator_options, add_option, add_output_options
 from lmms_emi.embed.store import EMBEDDINGS_FILE, load_embeddings
 from lmms_emi.emi import TaskEmbeddings
@@ -23,7 +24,7 @@ from lmms_emi.estimators.club import encoder_mismatches
 from lmms_emi.pipeline.estimator import fit_pooled_estimator
 
 NAME = "train-estimator"
-HELP = "fit and freeze one CLUB estimator from the embeddings saved by score/analyze/eval runs"
+HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

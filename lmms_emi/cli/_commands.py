@@ -1,0 +1,44 @@
+"""The subcommands of ``lmms-emi``: name, module and one-line help, in the order ``lmms-emi --help`` lists
+them. The top-level parser lists them from here; a subcommand's module, and what it imports (torch, scipy,
+lmms-eval), is imported only when that subcommand runs or shows its own help."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["COMMANDS", "Command"]
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "eval": Command(
+        "lmms_emi.cli.eval",
+        "run lmms-eval with the plugin's tasks (arguments go to lmms-eval; see `lmms-emi eval --help`)",
+    ),
+    "analyze": Command(
+        "lmms_emi.cli.analyze", "report from an lmms-eval output folder written with --log_samples"
+    ),
+    "score": Command("lmms_emi.cli.score", "EMI / EMID / bound from saved response files against a dataset"),
+    "train-estimator": Command(
+        "lmms_emi.cli.train_estimator",
+        "fit and freeze one CLUB estimator from the embeddings saved by score/analyze/eval runs",
+    ),
+    "demo-data": Command(
+        "lmms_emi.cli.demo_data", "build the offline demo dataset and a demo model's responses"
+    ),
+    "leaderboard": Command(
+        "lmms_emi.cli.leaderboard", "merge several models' / runs' results into one EMI leaderboard"
+    ),
+    "tasks-path": Command(
+        "lmms_emi.cli.tasks_path", "print the plugin's lmms-eval task folder (for lmms-eval --include_path)"
+    ),
+    "estimators": Command(
+        "lmms_emi.cli.estimators",
+        "list the registered pre-trained estimators (--estimator NAME) and where they are on this machine",
+    ),
+}
