@@ -132,20 +132,19 @@ class FigureWorker:
         return False
 
     def close(self) -> None:
-        """End the helper (it exits when its input closes; a stuck one is killed)."""
+        """End the helper at once: every figure it answered for is written and closed, and one that is
+        still importing matplotlib (a run that failed early) has nothing left to do."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-            proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
-        finally:
-            if proc.stdout is not None:
-                proc.stdout.close()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        proc.kill()
+        proc.wait()
 
     def __enter__(self) -> FigureWorker:
         return self
@@ -158,8 +157,7 @@ class FigureWorker:
 
 def _serve() -> None:
     """The helper's loop: import matplotlib at once, then draw each figure of a JSON line on stdin, answering
-    ``ok`` or ``error: ...`` on stdout; exit when stdin closes (at once: the parent waits for the exit, and
-    every figure is written and closed by then)."""
+    ``ok`` or ``error: ...`` on stdout (only once the file is written and closed); exit when stdin closes."""
     import matplotlib.figure  # noqa: F401 - the import is the point: it overlaps the parent's work
     from matplotlib.backends import backend_agg  # noqa: F401
 
@@ -172,7 +170,6 @@ def _serve() -> None:
             reply = f"error: {type(exc).__name__}: {exc}".replace("\n", " ")
         sys.stdout.write(reply + "\n")
         sys.stdout.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
