@@ -136,7 +136,8 @@ class _CheckedEmbeddings(TaskEmbeddings):
 
 def _check_task(emb: TaskEmbeddings, name: str, *, need_responses: bool) -> TaskEmbeddings:
     """Validate shapes and values of a task's embeddings; return them L2-normalised."""
-    if isinstance(emb, _CheckedEmbeddings) and not (need_responses and emb.z_model is None):
+    missing_responses = emb.z_model is None or emb.z_ref is None
+    if isinstance(emb, _CheckedEmbeddings) and not (need_responses and missing_responses):
         return emb
     z_v = _as_matrix(emb.z_v, f"{name}.z_v")
     n, d = z_v.shape

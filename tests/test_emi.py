@@ -258,3 +258,14 @@ def test_divergences_of_tasks_that_share_samples_equal_the_pairwise_values():
     assert terms["joint_a"].jsd_visual == terms["joint_b"].jsd_visual > 0
     assert terms["text"].jsd_visual == terms["visual"].jsd_text == emid_upper_bound(p, p).jsd_visual
     assert terms["text"].jsd_visual < 1e-12
+
+
+def test_embeddings_checked_once_are_not_rechecked_but_still_need_both_responses_for_emi(club):
+    from lmms_emi.emi import _check_task, prepare_task
+
+    p = task(20, 50)
+    checked = _check_task(p, "p", need_responses=True)
+    assert _check_task(checked, "p", need_responses=True) is checked  # validated and normalised once
+    no_refs = _check_task(TaskEmbeddings(p.z_v, p.z_t, p.z_model), "p", need_responses=False)
+    with pytest.raises(ValueError, match=r"p\.z_ref is missing"):
+        prepare_task(club, no_refs, "p")
