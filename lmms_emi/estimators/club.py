@@ -228,8 +228,8 @@ class WeightedEstimate:
             _check_conditionals(mu, logvar, target)
         self.mu, self.logvar = mu, logvar
         n, d = mu.shape
-        self.gram = form == "gram" or (form == "auto" and _gram_is_cheaper(n, d, n_sets, len(self.targets)))
-        self._terms = _gram_terms(mu, logvar, self.targets) if self.gram else None
+        gram = form == "gram" or (form == "auto" and _gram_is_cheaper(n, d, n_sets, len(self.targets)))
+        self._terms = _gram_terms(mu, logvar, self.targets) if gram else None  # None: the moments form
 
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
         weights, totals = _checked_weights(weights, self.mu.shape[0], self.mu.device)
@@ -264,19 +264,25 @@ def _gram_terms(
     mu: torch.Tensor, logvar: torch.Tensor, targets: Sequence[torch.Tensor]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per target, pos + c (n,) and K = a(y²)ᵀ − 2byᵀ (n, n) in float64, so Î(w) = wᵀ(pos + c) + wᵀKw."""
-    f64 = torch.float64
-    mu64 = mu.to(f64)
-    a = logvar.to(f64, copy=True).neg_().exp_().mul_(0.5)
-    b = mu64 * a
-    c = (b * mu64).sum(dim=1)
+    mu64, a, b, c = _variance_terms(mu, logvar)
     terms = []
     for target in targets:
-        y64 = target.to(mu.device, f64)
+        y64 = target.to(mu.device, torch.float64)
         pos = (y64 - mu64).square_().mul_(a).sum(dim=1).neg_()
         k = a @ y64.square().T
         k.addmm_(b, y64.T, alpha=-2.0)
         terms.append((pos + c, k))
     return terms
+
+
+def _variance_terms(
+    mu: torch.Tensor, logvar: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """μ, a = 1/(2σ²), b = μ·a and c = Σ_d μ²a in float64: the terms of q(y|x) both forms share."""
+    mu64 = mu.to(torch.float64)
+    a = logvar.to(torch.float64, copy=True).neg_().exp_().mul_(0.5)
+    b = mu64 * a
+    return mu64, a, b, (b * mu64).sum(dim=1)
 
 
 def _weighted_mi_moments(
@@ -301,10 +307,7 @@ def _weighted_mi_moments(
     for start in range(0, n, _CHUNK_ROWS):
         rows = slice(start, start + _CHUNK_ROWS)
         w = weights[:, rows].to(device, f64) / totals[:, None]
-        mu_c = mu[rows].to(f64)
-        a = logvar[rows].to(f64, copy=True).neg_().exp_().mul_(0.5)
-        b = mu_c * a
-        c = (b * mu_c).sum(dim=1)  # Σ_d μ²a
+        mu_c, a, b, c = _variance_terms(mu[rows], logvar[rows])
         wa.addmm_(w, a)
         wb.addmm_(w, b)
         for t, target in enumerate(targets):

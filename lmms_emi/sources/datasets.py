@@ -6,8 +6,8 @@ lmms-eval 0.7.3 loads a task's data with ``datasets.load_from_disk(dataset_path)
 (so a local parquet copy is ``dataset_path: parquet`` + ``data_files``): :func:`local_dataset` returns
 exactly those two, and :func:`load_split` reads a split back the same way.
 
-A split is a ``datasets.Dataset`` or, for a ``save_to_disk`` folder read by :func:`load_splits`, the
-``pyarrow.Table`` that ``load_from_disk`` would wrap (read from the same memory-mapped Arrow files, without
+A split is a ``datasets.Dataset`` or, for a ``save_to_disk`` folder, the ``pyarrow.Table`` that
+``load_from_disk`` would wrap (:func:`saved_splits` reads the same memory-mapped Arrow files without
 importing ``datasets``: half a second of a warm run). Both have ``column_names`` and ``len``; read columns
 with :func:`column_values`.
 """
@@ -104,12 +104,13 @@ def local_dataset(path: str | Path, *, option: str = "--data") -> LocalDataset:
 
 
 def load_split(dataset_path: str, split: str, dataset_kwargs: Mapping[str, Any] | None = None) -> Any:
-    """One split, loaded as lmms-eval loads it (``load_from_disk`` or ``load_dataset``)."""
-    import datasets
-
+    """One split, loaded as lmms-eval loads it (``load_from_disk``, through :func:`saved_splits`, or
+    ``load_dataset``)."""
     kwargs = dict(dataset_kwargs or {})
     if kwargs.pop("load_from_disk", False):
-        return datasets.load_from_disk(dataset_path)[split]
+        return saved_splits(dataset_path, [split])[split]
+    import datasets
+
     kwargs = {k: v for k, v in kwargs.items() if k in ("data_files", "name", "revision", "data_dir")}
     if "data_files" in kwargs and isinstance(kwargs["data_files"], Mapping):
         kwargs["data_files"] = {split: kwargs["data_files"][split]}
@@ -165,6 +166,7 @@ def load_splits(dataset: str | None, benchmark: str, splits: Sequence[str]) -> d
     """{split: table or datasets.Dataset} from a local copy (``--dataset PATH``; a ``save_to_disk`` folder is
     read by :func:`saved_splits`) or the benchmark's hub dataset."""
     source = dataset or sc.DATASET[benchmark]
+    local = None
     if Path(source).expanduser().exists():
         local = local_dataset(source, option="--dataset")
         missing = [s for s in splits if s not in local.splits]
@@ -174,14 +176,14 @@ def load_splits(dataset: str | None, benchmark: str, splits: Sequence[str]) -> d
                 f"dataset {source} has no split {missing[0]!r} ({len(missing)} missing; it has "
                 f"{shown}); restrict with --scenarios"
             )
-        if local.kwargs.get("load_from_disk"):
+        if local.kwargs.get("load_from_disk"):  # read without datasets: no progress bars to quiet
             return saved_splits(local.path, splits)
     import datasets
 
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        if Path(source).expanduser().exists():
+        if local is not None:
             return {s: load_split(local.path, s, local.kwargs) for s in splits}
         out = {}
         for split in splits:
