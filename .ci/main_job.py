@@ -213,7 +213,7 @@ def main() -> int:
             "HF_DATASETS_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "HF_HOME": str(work / "hf"),
-            "LMMS_EMI_CACHE": str(work / "emi-cache"),
+            "LMMS_EMI_EMBEDDING_CACHE": str(work / "emi-cache"),
             "XDG_CACHE_HOME": str(work / "cache"),
             "MPLCONFIGDIR": str(work / "mpl"),
             "PYTHONNOUSERSITE": "1",

@@ -80,26 +80,35 @@ def _child(argv: list[str]) -> int:
 
         setattr(module, name, timed)
 
-    for name in ("_scenarios", "local_dataset", "load_splits", "only_model", "collect_samples"):
-        wrap(score, name, "data")
-    wrap(score, "check_sizes", "data")
-    wrap(score, "build_embedder", "embedder", capture="embedder")
-    if os.environ.get(EAGER_ENV) and hasattr(score, "build_embedder"):
-        build = score.build_embedder  # baseline: load both encoders up front, as before lazy loading
-
-        def build_eager(*args: Any, **kwargs: Any) -> Any:
-            emb = build(*args, **kwargs)
-            t = time.perf_counter()
-            if hasattr(emb, "load"):
-                emb.load()
-            spans["eager_load"] = time.perf_counter() - t
-            return emb
-
-        score.build_embedder = build_eager
     import importlib
 
-    _report = importlib.import_module("lmms_emi.cli._report")  # the package has a function of that name
+    datasets_mod = importlib.import_module("lmms_emi.sources.datasets")
+    responses_mod = importlib.import_module("lmms_emi.sources.response_files")
     pipeline_run = importlib.import_module("lmms_emi.pipeline.run")
+    embed_mod = importlib.import_module("lmms_emi.embed")
+    wrap(score, "_present", "data")
+    for name in ("local_dataset", "load_splits"):
+        wrap(datasets_mod, name, "data")
+    for name in ("only_model", "collect_samples"):
+        wrap(responses_mod, name, "data")
+    wrap(pipeline_run, "check_sizes", "data")
+    embedder_cls = embed_mod.Embedder
+    from_profile = embedder_cls.from_profile  # the preflight builds the Embedder (configs only)
+
+    def timed_from_profile(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        emb = from_profile(*args, **kwargs)
+        spans["embedder"] = spans.get("embedder", 0.0) + time.perf_counter() - t
+        captured["embedder"] = emb
+        if os.environ.get(EAGER_ENV):  # baseline: load both encoders up front, as before lazy loading
+            t = time.perf_counter()
+            emb.load()
+            spans["eager_load"] = time.perf_counter() - t
+        return emb
+
+    embedder_cls.from_profile = timed_from_profile
+
+    _report = importlib.import_module("lmms_emi.cli._report")  # the package has a function of that name
 
     wrap(_report, "analyze_run", "pipeline")
     wrap(_report, "write_run_reports", "reports")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Callable, Iterable
@@ -11,18 +12,17 @@ from pathlib import Path
 TEMP_SUFFIX = ".tmp"
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the OS tells it (Linux), else set and restored."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
+def _create_temp(folder: Path, name: str) -> Path:
+    """A new empty file ``.<name>.<pid>.<random>.tmp`` in ``folder``, created with mode 0666 so that the
+    process umask (and a default ACL) applies exactly as for ``open(path, "w")``; ``O_EXCL`` makes it ours."""
+    while True:
+        tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
 
 
 def atomic_write(
@@ -39,22 +39,22 @@ def atomic_write(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the writer's pid in the name: a process killed mid-write leaves a file sweep_dead_writers() can remove
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
-    os.close(fd)
+    tmp = _create_temp(path.parent, path.name)  # a new file's mode: what open() gives it
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        mode: int | None = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        mode = 0o666 & ~_umask()  # what open() would give a new file
+        mode = None
     try:
-        write(Path(tmp))
-        os.chmod(tmp, mode)
+        write(tmp)
+        if mode is not None:  # a replaced file keeps its mode
+            os.chmod(tmp, mode)
         if overwrite:
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # atomic, and refuses an existing name
             os.unlink(tmp)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

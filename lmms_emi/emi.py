@@ -21,7 +21,7 @@ Without references only the input terms D_v^½ + D_t^½ are available: a partial
 Everything here is a pure function of tensors (plus a fitted CLUB: an unfitted one raises
 :class:`~lmms_emi.errors.NotFittedError`), with no I/O. Bootstrap replicates reweight the rows of a task by
 their resampling counts and evaluate every replicate's CLUB estimates at once through
-:class:`~lmms_emi.estimators.club.WeightedEstimate`, the same closed form as the estimate.
+:class:`~lmms_emi.estimators.club_form.WeightedEstimate`, the same closed form as the estimate.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from lmms_emi.estimators.club import CLUB, WeightedEstimate, club_mutual_information
+from lmms_emi.estimators.club import CLUB
+from lmms_emi.estimators.club_form import WeightedEstimate, club_mutual_information
 from lmms_emi.estimators.rjsd import DensityMatrix, rjsd_between
 
 __all__ = [
@@ -229,7 +230,7 @@ def effective_mutual_information(
 ) -> EMIResult:
     """EMI = Î(z_x; z_ŷ) − Î(z_x; z_y) with z_x = (ẑ_v + ẑ_t)/2; rows are L2-normalised here first.
 
-    Î is the CLUB estimate (:func:`~lmms_emi.estimators.club.club_mutual_information`). When the model's
+    Î is the CLUB estimate (:func:`~lmms_emi.estimators.club_form.club_mutual_information`). When the model's
     responses are the references, EMI is exactly 0:
 
     >>> g = torch.Generator().manual_seed(0)
@@ -277,6 +278,19 @@ class ShiftDivergences:
     """The RJSD terms between an in-distribution task P and a shifted task Q (nats).
 
     ``jsd_response_p``/``jsd_response_q`` (model vs reference responses) are None when a task lacks them.
+
+    With D_v = 0.04, D_t = 0.09 (√: 0.2, 0.3) and D_P = 0.0016, D_Q = 0.0081 (⁴√: 0.2, 0.3):
+
+    >>> terms = ShiftDivergences(jsd_visual=0.04, jsd_text=0.09, jsd_response_p=0.0016, jsd_response_q=0.0081)
+    >>> terms.bound().value  # 0.2 + 0.3 + 0.2 + 0.3
+    1.0
+    >>> terms.partial().value, terms.partial(entropy_scale=2.0).value  # 0.2 + 0.3, and 2 · 0.5
+    (0.5, 1.0)
+
+    and the theorem's form with Ĥ = 2 and D_P = D_Q = 0.0008 (so ⁴√(D_P + D_Q) = ⁴√0.0016 = 0.2):
+
+    >>> ShiftDivergences(0.04, 0.09, 0.0008, 0.0008).bound(entropy_scale=2.0).value  # 2 · 0.5 + 8 · 0.2
+    2.6
     """
 
     jsd_visual: float
@@ -284,11 +298,15 @@ class ShiftDivergences:
     jsd_response_p: float | None
     jsd_response_q: float | None
 
+    def _input_terms(self) -> float:
+        """√D_v + √D_t: the input-shift part of both bounds."""
+        return self.jsd_visual**0.5 + self.jsd_text**0.5
+
     def bound(self, entropy_scale: float | None = None) -> BoundResult:
         """Full EMID bound: √D_v + √D_t + D_P^¼ + D_Q^¼, or Ĥ(√D_v + √D_t) + 8(D_P + D_Q)^¼ given Ĥ."""
         if self.jsd_response_p is None or self.jsd_response_q is None:
             raise ValueError("the full bound needs model and reference responses for both tasks")
-        inputs = self.jsd_visual**0.5 + self.jsd_text**0.5
+        inputs = self._input_terms()
         d_p, d_q = self.jsd_response_p, self.jsd_response_q
         if entropy_scale is None:
             value, form = inputs + d_p**0.25 + d_q**0.25, "scale_adjusted"
@@ -298,7 +316,7 @@ class ShiftDivergences:
 
     def partial(self, entropy_scale: float | None = None) -> BoundResult:
         """Reference-free part: √D_v + √D_t (times Ĥ when given)."""
-        inputs = self.jsd_visual**0.5 + self.jsd_text**0.5
+        inputs = self._input_terms()
         if entropy_scale is None:
             return BoundResult(inputs, self.jsd_visual, self.jsd_text, None, None, "partial")
         value = _check_scale(entropy_scale) * inputs
@@ -382,10 +400,26 @@ def emid_upper_bound(
     ``entropy_scale=Ĥ``:   Ĥ(√D_v + √D_t) + 8(D_P + D_Q)^¼ (Theorem 4.5),
     with D_v = D(P_xv‖Q_xv), D_t = D(P_xt‖Q_xt), D_P = D(P_ŷ‖P_y), D_Q = D(Q_ŷ‖Q_y).
     For many shifted tasks against one P, :func:`shift_divergences` shares P's work.
+
+    Example in 2 dims with e₁ ⟂ e₂: P's images are e₁ and Q's e₂ (D_v = ln 2, the largest RJSD), both
+    ask the same questions (D_t = 0), P's responses are e₁ and its references e₂ (D_P = ln 2), and Q's
+    responses are its references (D_Q = 0):
+
+    >>> e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    >>> p = TaskEmbeddings(*map(torch.tensor, ([e1, e1], [e1, e2], [e1, e1], [e2, e2])))
+    >>> q = TaskEmbeddings(*map(torch.tensor, ([e2, e2], [e1, e2], [e1, e2], [e1, e2])))
+    >>> b = emid_upper_bound(p, q)
+    >>> [round(d, 6) for d in (b.jsd_visual, b.jsd_text, b.jsd_response_p, b.jsd_response_q)]
+    [0.693147, 0.0, 0.693147, 0.0]
+    >>> ln2 = float(np.log(2))
+    >>> round(b.value, 6), round(ln2**0.5 + ln2**0.25, 6)  # √ln 2 + ⁴√ln 2
+    (1.744999, 1.744999)
+    >>> round(emid_upper_bound(p, q, entropy_scale=2.0).value, 6)  # 2·√ln 2 + 8·⁴√ln 2 = 1.665109 + 7.299554
+    8.964664
     """
-    _check_task(_task(p_emb, "p_emb"), "p_emb", need_responses=True)
-    _check_task(_task(q_emb, "q_emb"), "q_emb", need_responses=True)
-    return shift_divergences(p_emb, {"q_emb": q_emb})["q_emb"].bound(entropy_scale)
+    p = _check_task(_task(p_emb, "p_emb"), "p_emb", need_responses=True)
+    q = _check_task(_task(q_emb, "q_emb"), "q_emb", need_responses=True)
+    return shift_divergences(p, {"q_emb": q})["q_emb"].bound(entropy_scale)
 
 
 def partial_upper_bound(
@@ -395,7 +429,16 @@ def partial_upper_bound(
 ) -> BoundResult:
     """Reference-free part of the bound: √D_v + √D_t (times Ĥ when ``entropy_scale`` is given).
 
-    Needs only the queries, so it is a label-free risk signal for a shifted task.
+    Needs only the queries, so it is a label-free risk signal for a shifted task. With P's images e₁, Q's
+    e₂ (D_v = ln 2) and the same questions (D_t = 0), it is √ln 2:
+
+    >>> e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    >>> p = TaskEmbeddings(torch.tensor([e1, e1]), torch.tensor([e1, e2]))
+    >>> q = TaskEmbeddings(torch.tensor([e2, e2]), torch.tensor([e1, e2]))
+    >>> round(partial_upper_bound(p, q).value, 6), round(float(np.log(2)) ** 0.5, 6)  # √ln 2
+    (0.832555, 0.832555)
+    >>> round(partial_upper_bound(p, q, entropy_scale=2.0).value, 6)  # 2·√ln 2
+    1.665109
     """
     p, q = _task(p_emb, "p_emb"), _task(q_emb, "q_emb")
     inputs_only = TaskEmbeddings(p.z_v, p.z_t), {"q_emb": TaskEmbeddings(q.z_v, q.z_t)}

@@ -1,17 +1,18 @@
 """Pre-trained CLUB estimators by name: the registry (``estimator_ckpt/registry.json``), where their files
-are found on this machine, and their verified download (no torch here: names, files, hashes).
+are found on this machine, and their verified download (torch is imported only to download:
+``torch.hub.download_url_to_file``).
 
 A registered name resolves to a local file, first found of:
 
-1. ``$LMMS_EMI_ESTIMATORS_DIR/<file>`` — a folder of files placed by hand (offline machines);
+1. ``$LMMS_EMI_ESTIMATOR_DIR/<file>`` — a folder of files placed by hand (offline machines);
 2. ``<estimator_ckpt>/<file>`` — a file shipped beside the registry (the wheel or the checkout);
 3. ``<cache>/<file>`` — downloaded before, or placed there by hand; the cache folder is
-   ``$LMMS_EMI_ESTIMATOR_CACHE``, else ``$XDG_CACHE_HOME/lmms_emi/estimators``, else
-   ``~/.cache/lmms_emi/estimators``;
-4. otherwise it is downloaded from the entry's URL (or ``$LMMS_EMI_ESTIMATORS_MIRROR/<file>``) into the cache.
+   ``$LMMS_EMI_ESTIMATOR_CACHE``, else ``<user cache>/lmms_emi/estimators``;
+4. otherwise it is downloaded from the entry's URL (or ``$LMMS_EMI_ESTIMATOR_MIRROR/<file>``) into the
+   cache.
 
-Every file found or downloaded must have the registered size and sha256; a download is written atomically
-only after both match, so a wrong or truncated download leaves nothing in the cache. Problems are one-line
+Every file found or downloaded must have the registered size and sha256; a download is moved into the cache
+only after its sha256 matches, so a wrong or truncated download leaves nothing there. Problems are one-line
 :class:`~lmms_emi.errors.LmmsEmiError` messages naming the file, the URL, the hash and the way out.
 """
 
@@ -21,17 +22,17 @@ import hashlib
 import http.client
 import json
 import os
-import urllib.error
-import urllib.request
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lmms_emi._io import atomic_write
+from lmms_emi.encoder_spec import PAPER_ENCODERS
+from lmms_emi.environment import getenv
 from lmms_emi.errors import CheckpointError, UsageError
-from lmms_emi.paths import estimator_ckpt_dirs
+from lmms_emi.paths import estimator_ckpt_dirs, user_cache_dir
 
 __all__ = [
     "CACHE_ENV",
@@ -50,17 +51,16 @@ __all__ = [
 ]
 
 REGISTRY_FILE = "registry.json"
-DIR_ENV = "LMMS_EMI_ESTIMATORS_DIR"  # a folder of estimator files placed by hand
+DIR_ENV = "LMMS_EMI_ESTIMATOR_DIR"  # a folder of estimator files placed by hand
 CACHE_ENV = "LMMS_EMI_ESTIMATOR_CACHE"  # the download cache folder
-MIRROR_ENV = "LMMS_EMI_ESTIMATORS_MIRROR"  # base URL serving <file> in place of each entry's URL
-_CHUNK = 1 << 16
+MIRROR_ENV = "LMMS_EMI_ESTIMATOR_MIRROR"  # base URL serving <file> in place of each entry's URL
 _TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
 class RegistryEntry:
     """One registered estimator. ``encoders``: the encoder spec it was trained on, or the name of an encoder
-    profile (``"paper"``: :data:`lmms_emi.estimators.club.PAPER_ENCODERS`)."""
+    profile (``"paper"``: :data:`lmms_emi.encoder_spec.PAPER_ENCODERS`)."""
 
     name: str
     file: str
@@ -73,9 +73,17 @@ class RegistryEntry:
     trained_on: str = ""
 
     def download_url(self, environ: Mapping[str, str] | None = None) -> str:
-        """The URL to fetch: ``$LMMS_EMI_ESTIMATORS_MIRROR/<file>`` when set, else the registered one."""
-        mirror = (os.environ if environ is None else environ).get(MIRROR_ENV, "").strip()
+        """The URL to fetch: ``$LMMS_EMI_ESTIMATOR_MIRROR/<file>`` when set, else the registered one."""
+        mirror = (getenv(MIRROR_ENV, environ) or "").strip()
         return f"{mirror.rstrip('/')}/{self.file}" if mirror else self.url
+
+    def encoder_spec(self) -> dict[str, Any]:
+        """The encoder spec the estimator was trained on."""
+        if self.encoders == "paper":
+            return dict(PAPER_ENCODERS)
+        if isinstance(self.encoders, Mapping):
+            return dict(self.encoders)
+        raise CheckpointError(f"registered estimator {self.name!r} names unknown encoders {self.encoders!r}")
 
 
 def _registry_path() -> Path:
@@ -141,21 +149,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The download cache: ``$LMMS_EMI_ESTIMATOR_CACHE``, else ``$XDG_CACHE_HOME/lmms_emi/estimators``, else
-    ``~/.cache/lmms_emi/estimators``."""
-    env = os.environ if environ is None else environ
-    if env.get(CACHE_ENV):
-        return Path(env[CACHE_ENV]).expanduser()
-    base = (
-        Path(env["XDG_CACHE_HOME"]).expanduser()
-        if env.get("XDG_CACHE_HOME")
-        else Path("~/.cache").expanduser()
-    )
-    return base / "lmms_emi" / "estimators"
+    """The download cache: ``$LMMS_EMI_ESTIMATOR_CACHE``, else ``<user cache>/lmms_emi/estimators``."""
+    value = getenv(CACHE_ENV, environ)
+    return Path(value).expanduser() if value else user_cache_dir("estimators")
 
 
 def _offline_dir() -> Path | None:
-    raw = os.environ.get(DIR_ENV, "").strip()
+    raw = (getenv(DIR_ENV) or "").strip()
     if not raw:
         return None
     folder = Path(raw).expanduser()
@@ -230,59 +230,35 @@ def resolve(name: str, *, download: bool = True, progress: bool = True, timeout:
 
 
 def _download(entry: RegistryEntry, dest: Path, *, progress: bool, timeout: float) -> Path:
-    """Fetch ``entry`` into ``dest`` atomically, only once its size and sha256 match."""
-    from tqdm.auto import tqdm
+    """Fetch ``entry`` into ``dest`` with ``torch.hub.download_url_to_file``: it writes a temp file beside
+    ``dest``, checks the sha256 and only then moves it into place (a refused or broken download leaves no
+    file). ``timeout``: seconds any one network operation may wait."""
+    from torch.hub import download_url_to_file
 
     url = entry.download_url()
-    request = urllib.request.Request(url, headers={"User-Agent": "lmms-emi"})
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise CheckpointError(
-            f"estimator {entry.name!r} ({entry.file}) is not on this machine and could not be downloaded "
-            f"from {url} ({reason}): {_placement_hint(entry, url=False)}; or fit one on the run with "
-            "--estimator fit"
-        ) from None
-
-    def write(tmp: Path) -> None:
-        digest, got = hashlib.sha256(), 0
-        bar = tqdm(
-            total=entry.size, unit="B", unit_scale=True, desc=f"estimator {entry.name}", disable=not progress
-        )
-        with response, bar, open(tmp, "wb") as fh:
-            while True:
-                try:
-                    chunk = response.read(_CHUNK)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise CheckpointError(
-                        f"download of {url} failed after {got} of {entry.size} bytes ({exc}); nothing was "
-                        "saved, try again"
-                    ) from None
-                if not chunk:
-                    break
-                got += len(chunk)
-                if got > entry.size:
-                    break
-                digest.update(chunk)
-                fh.write(chunk)
-                bar.update(len(chunk))
-        if got != entry.size:
-            raise CheckpointError(
-                f"download of {url} gave {'more than ' if got > entry.size else ''}{got} bytes, expected "
-                f"{entry.size} (truncated or another file); nothing was saved: try again or "
-                f"{_placement_hint(entry)}"
-            )
-        if digest.hexdigest() != entry.sha256:
-            raise CheckpointError(
-                f"download of {url} has sha256 {digest.hexdigest()}, expected {entry.sha256}: refused, "
-                f"nothing was saved (a changed or wrong file; check ${MIRROR_ENV})"
-            )
-
-    try:
-        return atomic_write(dest, write)
-    except OSError as exc:  # the network's errors were turned into CheckpointError above
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
         raise UsageError(
             f"cannot write the estimator cache {dest.parent} ({exc.strerror or exc}); set ${CACHE_ENV} to a "
             "writable folder"
         ) from None
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # urlopen in torch.hub takes no timeout of its own
+    try:
+        download_url_to_file(url, str(dest), hash_prefix=entry.sha256, progress=progress)
+    except RuntimeError:  # the downloaded bytes have another sha256
+        raise CheckpointError(
+            f"download of {url} does not have the registered sha256 {entry.sha256} ({entry.size} bytes): "
+            f"refused, nothing was saved (a changed, truncated or wrong file; check ${MIRROR_ENV})"
+        ) from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc.__class__.__name__
+        raise CheckpointError(
+            f"estimator {entry.name!r} ({entry.file}) is not on this machine and could not be downloaded "
+            f"from {url} ({reason}; nothing was saved): {_placement_hint(entry, url=False)}; or fit one on "
+            "the run with --estimator fit"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return _verify(entry, dest)

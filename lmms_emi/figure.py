@@ -1,31 +1,19 @@
-"""The report's scatter figure (EMID against its bound), drawn here or by a helper process.
+"""The report's scatter figure (EMID against its bound), drawn with matplotlib's Agg canvas in this process.
 
-Importing matplotlib takes about a third of a second, a tenth of a warm ``lmms-emi score`` of the whole
-synthetic benchmark. A command that will write figures starts a :class:`FigureWorker` first: a child process
-(``python -m lmms_emi.figure``) that imports matplotlib on the other core while the run reads, embeds and
-analyses, then draws each figure it is sent. Where there is no second core, the child cannot start, fails or
-dies, the figure is drawn in this process instead: the file is the same either way (same code, same
-matplotlib), and the run never depends on the helper.
-
-Nothing here imports torch or the rest of lmms-emi: the helper starts light.
+matplotlib is imported on the first figure only (no pyplot, no global backend). Drawing it in a helper process
+that imported matplotlib in parallel saved 0.44-0.53 s of the reports step of a warm ``lmms-emi score`` of
+the whole synthetic benchmark (``benchmarks/bench_score.py``; 2 loaded CPUs, 2026-12-06), under 10 % of its
+~5 s, with no difference in the wall-time medians and a second interpreter's CPU: it was removed.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import select
-import subprocess
-import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from types import TracebackType
-from typing import Any
+from dataclasses import dataclass
 
 __all__ = ["KIND_COLOURS", "FigureWorker", "ScatterFigure", "draw"]
 
 KIND_COLOURS = {"visual": "tab:blue", "text": "tab:orange", "joint": "tab:red", "ood": "tab:grey"}
-REPLY_TIMEOUT_S = 120.0  # a figure takes a tenth of a second; past this the helper is taken for stuck
 
 
 @dataclass(frozen=True)
@@ -40,14 +28,6 @@ class ScatterFigure:
     xlabel: str
     ylabel: str
     empty_text: str = "no OOD task with EMID and bound"
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ScatterFigure:
-        tuples = {k: tuple(data[k]) for k in ("bounds", "emids", "kinds")}
-        return cls(**{**data, **tuples})
 
 
 def draw(figure: ScatterFigure, path: str | os.PathLike[str]) -> None:
@@ -81,96 +61,21 @@ def draw(figure: ScatterFigure, path: str | os.PathLike[str]) -> None:
     fig.savefig(path, format="png")
 
 
-def _second_core() -> bool:
-    try:
-        return len(os.sched_getaffinity(0)) > 1
-    except AttributeError:  # not Linux
-        return (os.cpu_count() or 1) > 1
-
-
 class FigureWorker:
-    """A helper process that draws figures (see the module docstring); use as a context manager around a
-    run. :meth:`draw` returns once the file is written, by the helper or, failing that, here. ``start``:
-    None starts the helper where it can overlap this process's work (POSIX, a second core), True wherever
-    it can run (POSIX), False never."""
+    """Transitional: draws in this process, as :func:`draw`. The helper process it used to start is gone
+    (it saved under 10 % of a warm ``lmms-emi score``; see the module docstring). Callers still pass one
+    (``report.py``, ``cli/_report.py``, ``cli/score.py``, ``cli/analyze.py``): remove it with them."""
+
+    drawn_by_helper = 0
 
     def __init__(self, *, start: bool | None = None) -> None:
-        self._proc: subprocess.Popen[str] | None = None
-        self.drawn_by_helper = 0  # figures the helper drew (the rest were drawn in this process)
-        if os.name == "posix" and (start or (start is None and _second_core())):
-            try:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "lmms_emi.figure"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    text=True,
-                )
-            except OSError:
-                self._proc = None
+        del start
 
     def draw(self, figure: ScatterFigure, path: str | os.PathLike[str]) -> None:
-        if self._proc is not None and self._ask(figure, Path(path)):
-            self.drawn_by_helper += 1
-            return
         draw(figure, path)
-
-    def _ask(self, figure: ScatterFigure, path: Path) -> bool:
-        """Send one figure; True when the helper says it wrote it. Any trouble ends the helper."""
-        proc = self._proc
-        assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        try:
-            proc.stdin.write(json.dumps({"path": str(path), "figure": figure.to_json()}) + "\n")
-            proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], REPLY_TIMEOUT_S)
-            reply = proc.stdout.readline() if ready else ""
-        except (OSError, ValueError):
-            reply = ""
-        if reply.strip() == "ok":
-            return True
-        self.close()
-        return False
-
-    def close(self) -> None:
-        """End the helper at once: every figure it answered for is written and closed, and one that is
-        still importing matplotlib (a run that failed early) has nothing left to do."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-        proc.kill()
-        proc.wait()
 
     def __enter__(self) -> FigureWorker:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-def _serve() -> None:
-    """The helper's loop: import matplotlib at once, then draw each figure of a JSON line on stdin, answering
-    ``ok`` or ``error: ...`` on stdout (only once the file is written and closed); exit when stdin closes."""
-    import matplotlib.figure  # noqa: F401 - the import is the point: it overlaps the parent's work
-    from matplotlib.backends import backend_agg  # noqa: F401
-
-    for line in sys.stdin:
-        try:
-            job = json.loads(line)
-            draw(ScatterFigure.from_json(job["figure"]), job["path"])
-            reply = "ok"
-        except Exception as exc:  # reported to the parent, which then draws the figure itself
-            reply = f"error: {type(exc).__name__}: {exc}".replace("\n", " ")
-        sys.stdout.write(reply + "\n")
-        sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    _serve()
+    def __exit__(self, *exc: object) -> None:
+        return None

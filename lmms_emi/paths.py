@@ -28,3 +28,13 @@ def estimator_ckpt_dirs() -> list[Path]:
     return [
         d for d in (_PACKAGE_DIR / "estimator_ckpt", _PACKAGE_DIR.parent / "estimator_ckpt") if d.is_dir()
     ]
+
+
+def user_cache_dir(kind: str) -> Path:
+    """The default folder of one of the plugin's caches (``"embeddings"``, ``"estimators"``, ``"judge"``):
+    ``<user cache dir>/lmms_emi/<kind>``, where the user cache dir is platformdirs' (``$XDG_CACHE_HOME`` or
+    ``~/.cache`` on Linux). Each cache's own ``LMMS_EMI_*`` variable overrides it (see
+    :data:`lmms_emi.config.ENVIRONMENT`)."""
+    import platformdirs
+
+    return platformdirs.user_cache_path("lmms_emi") / kind

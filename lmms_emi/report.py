@@ -7,10 +7,7 @@ no temp files behind; a run's files carry its id (:func:`write_run_reports`), an
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 import shutil
 import time
@@ -29,6 +26,7 @@ from lmms_emi.pipeline.estimator import FITTED_CHECKPOINT_NAME
 from lmms_emi.pipeline.run import RunAnalysis
 from lmms_emi.pipeline.shift import ShiftAnalysis, TaskResult, json_ready
 from lmms_emi.report_agreement import agreement_headline, write_agreement_report
+from lmms_emi.tables import csv_table, fmt_ci, fmt_number, markdown_table
 
 AGREEMENT_REPORT = "emi_agreement"  # the report of a run with a judge step
 
@@ -93,24 +91,10 @@ def _row(t: TaskResult) -> dict[str, Any]:
     }
 
 
-def _cell(value: Any) -> str:
-    """CSV cell: floats with full precision (``repr``), None / NaN as empty."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ""
-    return str(value)
-
-
 def to_csv(analysis: ShiftAnalysis) -> str:
-    """One row per task, columns :data:`CSV_COLUMNS`."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for t in analysis.tasks:
-        row = _row(t)
-        writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
-    return buf.getvalue()
+    """One row per task, columns :data:`CSV_COLUMNS` (floats at full precision, absent values empty)."""
+    rows = (_row(t) for t in analysis.tasks)
+    return csv_table(CSV_COLUMNS, ([row[c] for c in CSV_COLUMNS] for row in rows))
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -142,20 +126,6 @@ def robustness_summary(analysis: ShiftAnalysis) -> dict[str, Any]:
     }
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}"
-
-
-def _fmt_ci(value: float | None, ci: tuple[float, float] | None) -> str:
-    if value is None:
-        return "–"
-    if ci is None:
-        return _fmt(value)
-    return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
-
-
 def to_markdown(analysis: ShiftAnalysis) -> str:
     """A leaderboard row (robustness column) plus a per-task table, as Markdown."""
     s = robustness_summary(analysis)
@@ -169,30 +139,39 @@ def to_markdown(analysis: ShiftAnalysis) -> str:
         if est.note:
             lines.append(f"Note: {est.note}.")
         lines.append("")
+    row = [
+        model,
+        fmt_ci(s["id_emi"], s["id_emi_ci"], 4),
+        *(fmt_number(s[k], 4) for k in ("mean_ood_emi", "mean_emid", "worst_emid")),
+        fmt_number(s["pearson_r"]),
+    ]
     lines += [
         "## Leaderboard row",
         "",
         "EMI: effective mutual information (nats, higher = responses more relevant to the query). "
         "EMID = EMI(ID) − EMI(shifted) (lower = more robust).",
         "",
-        "| model | ID EMI | mean OOD EMI | mean EMID ↓ | worst EMID | r(EMID, bound) |",
-        "|---|---|---|---|---|---|",
-        f"| {model} | {_fmt_ci(s['id_emi'], s['id_emi_ci'])} | {_fmt(s['mean_ood_emi'])} | "
-        f"{_fmt(s['mean_emid'])} | {_fmt(s['worst_emid'])} | {_fmt(s['pearson_r'], 3)} |",
+        *markdown_table(
+            ["model", "ID EMI", "mean OOD EMI", "mean EMID ↓", "worst EMID", "r(EMID, bound)"], [row]
+        ),
         "",
         f"## Per task (ID task: `{analysis.id_task}`; intervals: {level:.0%} bootstrap)",
         "",
-        "| task | shift | n | EMI | EMID | bound | partial bound | D_v | D_t | D_P | D_Q |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for t in analysis.tasks:
-        lines.append(
-            f"| `{t.task}`{' ⚠' if t.warnings else ''} | {t.shift_kind} | {t.n} | "
-            f"{_fmt_ci(t.emi, t.emi_ci)} | "
-            f"{_fmt_ci(t.emid, t.emid_ci)} | {_fmt(t.bound)} | {_fmt(t.partial_bound)} | "
-            f"{_fmt(t.jsd_visual)} | {_fmt(t.jsd_text)} | {_fmt(t.jsd_response_p)} | "
-            f"{_fmt(t.jsd_response_q)} |"
-        )
+    header = ["task", "shift", "n", "EMI", "EMID", "bound", "partial bound", "D_v", "D_t", "D_P", "D_Q"]
+    rows = [
+        [
+            f"`{t.task}`{' ⚠' if t.warnings else ''}",
+            t.shift_kind,
+            str(t.n),
+            fmt_ci(t.emi, t.emi_ci, 4),
+            fmt_ci(t.emid, t.emid_ci, 4),
+            *(fmt_number(v, 4) for v in (t.bound, t.partial_bound, t.jsd_visual, t.jsd_text)),
+            *(fmt_number(v, 4) for v in (t.jsd_response_p, t.jsd_response_q)),
+        ]
+        for t in analysis.tasks
+    ]
+    lines += markdown_table(header, rows)
     flagged = [f"- `{t.task}`: {w}" for t in analysis.tasks for w in t.warnings]
     if flagged:  # numbers of these rows are computed on thin or degenerate data: not results to quote
         lines += ["", "## Warnings (⚠ rows: do not quote these numbers as results)", "", *flagged]
@@ -202,8 +181,8 @@ def to_markdown(analysis: ShiftAnalysis) -> str:
             lines.append(f"- {name}: not computed (fewer than 3 OOD tasks with EMID)")
         else:
             lines.append(
-                f"- {name}: Pearson r = {_fmt(corr.pearson_r, 3)} (p = {_fmt(corr.pearson_p, 3)}), "
-                f"Spearman ρ = {_fmt(corr.spearman_rho, 3)}, Kendall τ = {_fmt(corr.kendall_tau, 3)}, "
+                f"- {name}: Pearson r = {fmt_number(corr.pearson_r)} (p = {fmt_number(corr.pearson_p)}), "
+                f"Spearman ρ = {fmt_number(corr.spearman_rho)}, Kendall τ = {fmt_number(corr.kendall_tau)}, "
                 f"n = {corr.n_tasks}"
             )
     return "\n".join(lines) + "\n"
@@ -350,7 +329,7 @@ def format_headlines(run: RunAnalysis) -> list[str]:
     """One line per analysis: ID EMI, mean / worst EMID and r(EMID, bound) — what a command prints."""
 
     def f(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.4f}"
+        return fmt_number(v, 4, missing="n/a")
 
     lines = []
     for name, analysis in run.analyses.items():

@@ -9,15 +9,12 @@ and ``.png``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 from pathlib import Path
-from typing import Any
 
 from lmms_emi._io import atomic_write, atomic_write_text
 from lmms_emi.pipeline.agreement import Agreement, JudgeAnalysis
+from lmms_emi.tables import csv_table, fmt_ci, fmt_number, fmt_p, markdown_table
 
 __all__ = ["AGREEMENT_COLUMNS", "agreement_headline", "to_csv", "to_markdown", "write_agreement_report"]
 
@@ -43,45 +40,21 @@ _KIND_COLOURS = {
 }
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _p(value: Any) -> str:
-    """A p-value: two significant digits (1.6e-10, 0.19)."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.2g}"
-
-
-def _ci(ci: Any) -> str:
-    return "" if not ci else f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
-
-
 def _agreement_line(name: str, a: Agreement | None) -> str:
     if a is None:
         return f"- {name}: not computed (fewer than 3 tasks with both EMI and a win rate)"
     return (
-        f"- {name}: Spearman ρ = {_fmt(a.spearman_rho)}{_ci(a.spearman_ci)} (p = {_p(a.spearman_p)}), "
-        f"Kendall τ = {_fmt(a.kendall_tau)}{_ci(a.kendall_ci)} (p = {_p(a.kendall_p)}), "
+        f"- {name}: Spearman ρ = {fmt_ci(a.spearman_rho, a.spearman_ci)} (p = {fmt_p(a.spearman_p)}), "
+        f"Kendall τ = {fmt_ci(a.kendall_tau, a.kendall_ci)} (p = {fmt_p(a.kendall_p)}), "
         f"n = {a.n_tasks} tasks"
     )
 
 
 def to_csv(judge: JudgeAnalysis) -> str:
-    """One row per judged task, columns :data:`AGREEMENT_COLUMNS`."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(AGREEMENT_COLUMNS)
-    for t in judge.tasks.values():
-        row = []
-        for c in AGREEMENT_COLUMNS:
-            v = getattr(t, c)
-            row.append("" if v is None else (repr(v) if isinstance(v, float) else str(v)))
-        writer.writerow(row)
-    return buf.getvalue()
+    """One row per judged task, columns :data:`AGREEMENT_COLUMNS` (floats at full precision, absent values
+    empty)."""
+    rows = ([getattr(t, c) for c in AGREEMENT_COLUMNS] for t in judge.tasks.values())
+    return csv_table(AGREEMENT_COLUMNS, rows)
 
 
 def to_markdown(judge: JudgeAnalysis, *, model: str | None = None, level: float = 0.95) -> str:
@@ -96,14 +69,20 @@ def to_markdown(judge: JudgeAnalysis, *, model: str | None = None, level: float 
         " mean r(ŷ) / mean r(y) × 100. Samples the judge could not score after its retries are excluded and "
         "counted, never scored.",
         "",
-        "| task | shift | EMI | WR | relative score | scored | excluded |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for t in judge.tasks.values():
-        lines.append(
-            f"| `{t.task}` | {t.shift_kind} | {_fmt(t.emi, 4)} | {_fmt(t.win_rate)} | "
-            f"{_fmt(t.relative_score, 1)} | {t.n_scored} | {t.n_excluded} |"
-        )
+    rows = [
+        [
+            f"`{t.task}`",
+            t.shift_kind,
+            fmt_number(t.emi, 4),
+            fmt_number(t.win_rate),
+            fmt_number(t.relative_score, 1),
+            str(t.n_scored),
+            str(t.n_excluded),
+        ]
+        for t in judge.tasks.values()
+    ]
+    lines += markdown_table(["task", "shift", "EMI", "WR", "relative score", "scored", "excluded"], rows)
     lines += ["", f"## Agreement of EMI and WR across tasks ({level:.0%} bootstrap intervals over tasks)", ""]
     lines.append(_agreement_line("all tasks", judge.agreement))
     if len(judge.by_benchmark) > 1 or (judge.by_benchmark and judge.agreement is None):
@@ -116,29 +95,29 @@ def to_markdown(judge: JudgeAnalysis, *, model: str | None = None, level: float 
     else:
         lines.append(
             f"- per-sample EMI contribution e_i vs judge preference r(ŷ) − r(y): Spearman ρ = "
-            f"{_fmt(s.spearman_rho)} (p = {_p(s.spearman_p)}); vs win: point-biserial r = "
-            f"{_fmt(s.pointbiserial_r)}, AUC = {_fmt(s.auc)} (p = {_p(s.auc_p)}); n = {s.n}, "
+            f"{fmt_number(s.spearman_rho)} (p = {fmt_p(s.spearman_p)}); vs win: point-biserial r = "
+            f"{fmt_number(s.pointbiserial_r)}, AUC = {fmt_number(s.auc)} (p = {fmt_p(s.auc_p)}); n = {s.n}, "
             f"{s.n_wins} wins"
         )
     c = judge.cost
     lines += ["", "## Cost", ""]
     lines.append(
-        f"- judge: {_fmt(c.get('judge_seconds'), 2)} s wall for {c.get('samples')} samples "
+        f"- judge: {fmt_number(c.get('judge_seconds'), 2)} s wall for {c.get('samples')} samples "
         f"({c.get('judge_calls')} calls, {c.get('judge_retries')} retries, "
         f"{c.get('cache_hits')} from the cache, "
-        f"{c.get('from_log')} from the run's log); {_fmt(c.get('judge_seconds_per_sample'), 3)} s per sample "
-        "sent"
+        f"{c.get('from_log')} from the run's log); "
+        f"{fmt_number(c.get('judge_seconds_per_sample'), 3)} s per sample sent"
     )
     tokens = c.get("tokens_per_sample")
     lines.append(
-        f"- judge tokens per sample: {_fmt(tokens, 1)}"
+        f"- judge tokens per sample: {fmt_number(tokens, 1)}"
         if tokens is not None
         else "- judge tokens per sample: not reported (by the endpoint, or every verdict was cached / logged)"
     )
     lines.append(
         "- EMI pipeline (embedding, estimator, analysis) on the same samples: "
-        f"{_fmt(c.get('emi_seconds'), 2)} s "
-        f"({_fmt(c.get('emi_seconds_per_sample'), 4)} s per sample)"
+        f"{fmt_number(c.get('emi_seconds'), 2)} s "
+        f"({fmt_number(c.get('emi_seconds_per_sample'), 4)} s per sample)"
     )
     excluded = {reason: n for t in judge.tasks.values() for reason, n in t.excluded_reasons.items() if reason}
     if judge.n_excluded:
@@ -171,7 +150,8 @@ def _write_png(judge: JudgeAnalysis, path: Path, model: str | None) -> None:
     stats = (
         "n/a (< 3 tasks)"
         if a is None
-        else f"Spearman ρ = {_fmt(a.spearman_rho)}, Kendall τ = {_fmt(a.kendall_tau)}, n = {a.n_tasks}"
+        else f"Spearman ρ = {fmt_number(a.spearman_rho)}, Kendall τ = {fmt_number(a.kendall_tau)}, "
+        f"n = {a.n_tasks}"
     )
     head = f"{model}: " if model else ""
     ax.set_title(f"{head}EMI vs judge win rate per task\n{stats}", fontsize=10)
@@ -217,8 +197,8 @@ def agreement_headline(judge: JudgeAnalysis) -> str:
     corr = (
         "ρ(EMI, WR) n/a (< 3 tasks)"
         if a is None
-        else f"ρ(EMI, WR) {_fmt(a.spearman_rho)} (p {_p(a.spearman_p)}), τ {_fmt(a.kendall_tau)} "
-        f"(p {_p(a.kendall_p)}) over {a.n_tasks} tasks"
+        else f"ρ(EMI, WR) {fmt_number(a.spearman_rho)} (p {fmt_p(a.spearman_p)}), "
+        f"τ {fmt_number(a.kendall_tau)} (p {fmt_p(a.kendall_p)}) over {a.n_tasks} tasks"
     )
     counts = f"judge: {judge.n_scored} samples scored, {judge.n_excluded} excluded"
-    return f"{counts}; mean WR {_fmt(mean_wr)}; {corr}"
+    return f"{counts}; mean WR {fmt_number(mean_wr)}; {corr}"

@@ -5,7 +5,9 @@ answers ``"<ref> <model>\\n<explanation>"`` with :func:`rule_scores`: the refere
 :data:`REF_SCORE`, the response ``round(10 × recall of the reference's words)`` clipped to 1..10, so a
 response that keeps the reference's words wins and a degraded one loses. ``faults`` (a callable of
 (prompt, attempt number of that prompt)) injects failures: ``"429"``, ``"500"``, ``"timeout"`` (sleeps past
-the client's timeout), ``"malformed"`` (an answer without scores) or None (answer normally).
+the client's timeout), ``"malformed"`` (an answer without scores) or None (answer normally). A 429 or 500
+carries ``retry-after-ms: <retry_after_ms>``, which the ``openai`` client honours instead of its own backoff
+(0.5 s, 1 s, ...): the tests' retries wait milliseconds.
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ class JudgeServer:
         usage: bool = True,
         list_models: bool = True,
         sleep: float = 2.0,
+        retry_after_ms: int = 10,
     ) -> None:
         self.model, self.api_key, self.faults = model, api_key, faults
         self.usage, self.list_models, self.sleep = usage, list_models, sleep
+        self.retry_after = {"retry-after-ms": str(retry_after_ms)}
         self.calls = 0
         self.attempts: Counter[str] = Counter()
         self.lock = threading.Lock()
@@ -131,10 +135,10 @@ class JudgeServer:
                     attempt = server.attempts[prompt]
                 fault = server.faults(prompt, attempt) if server.faults else None
                 if fault == "429":
-                    self._error(429, "rate limited", {"Retry-After": "0"})
+                    self._error(429, "rate limited", server.retry_after)
                     return
                 if fault == "500":
-                    self._error(500, "server error")
+                    self._error(500, "server error", server.retry_after)
                     return
                 if fault == "timeout":
                     time.sleep(server.sleep)

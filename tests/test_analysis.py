@@ -14,10 +14,10 @@ from scipy import stats
 from lmms_emi import emi as emi_lib
 from lmms_emi.embed.store import load_embeddings, save_embeddings
 from lmms_emi.emi import TaskEmbeddings
-from lmms_emi.estimators.club import CLUB, PAPER_ENCODERS, CheckpointError, EncoderMismatchError
+from lmms_emi.encoder_spec import PAPER_ENCODERS
+from lmms_emi.estimators.club import CLUB, CheckpointError, EncoderMismatchError
 from lmms_emi.pipeline.estimator import (
     EstimatorPolicy,
-    find_default_checkpoint,
     pooled_pairs,
     resolve_estimator,
 )
@@ -190,7 +190,6 @@ def test_reference_checkpoint_through_analysis(reference_checkpoint):
 
 
 def test_resolve_estimator_fits_saves_and_reloads(tmp_path, tasks, monkeypatch):
-    monkeypatch.setattr("lmms_emi.pipeline.estimator.estimator_ckpt_dirs", lambda: [])
     fit = EstimatorPolicy(None, steps=30, progress=False, seed=1)
     club, info = resolve_estimator(fit, SPEC, tasks)
     assert info.source == "fitted" and info.comparability == "run" and "only within this run" in info.note
@@ -214,17 +213,12 @@ def test_resolve_estimator_fits_saves_and_reloads(tmp_path, tasks, monkeypatch):
         resolve_estimator(EstimatorPolicy(str(tmp_path / "missing.safetensors")), SPEC, tasks)
 
 
-def test_default_checkpoint_is_found_by_manifest(tmp_path, tasks, monkeypatch):
-    club = small_club()
-    club.save(tmp_path / "a_other.safetensors", club.make_manifest({"vision": {"name": "x"}}))
-    club.save(tmp_path / "b_ours.safetensors", club.make_manifest(SPEC))
-    (tmp_path / "notes.txt").write_text("not a checkpoint")
-    monkeypatch.setattr("lmms_emi.pipeline.estimator.estimator_ckpt_dirs", lambda: [tmp_path])
-    _found, path = find_default_checkpoint(SPEC)
-    assert path.name == "b_ours.safetensors"
-    _loaded, info = resolve_estimator(EstimatorPolicy(), SPEC, tasks)
-    assert info.source == "default" and info.comparability == "global" and info.path == str(path)
-    assert find_default_checkpoint({"vision": {"name": "none"}}) is None
+def test_default_choice_without_a_registered_estimator_fits_on_the_run(tasks):
+    """No estimator is registered for these encoders: the default choice fits one, as ``fit`` does."""
+    policy = EstimatorPolicy(None, steps=30, progress=False, seed=1)
+    assert policy.choice.kind == "default"
+    _club, info = resolve_estimator(policy, SPEC, tasks)
+    assert info.source == "fitted" and info.comparability == "run"
 
 
 def test_embeddings_roundtrip(tmp_path, tasks):

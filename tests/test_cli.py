@@ -12,6 +12,7 @@ import pytest
 from helpers_analysis import artifact
 
 from lmms_emi.cli import main
+from lmms_emi.cli._commands import COMMANDS
 
 SCENARIOS = [
     "llava_bench_coco",
@@ -20,6 +21,7 @@ SCENARIOS = [
     "llava_bench_coco_defocus_blur_3_KeyboardAug_3",
 ]
 ID_TASK = "lbshift_syn_llava_bench_coco"
+OFFLINE = ["--encoders", "offline"]  # the encoders are checked before the data: ones that load here
 FAST = ["--emi-cache", "off", "--estimator-steps", "40", "--bootstrap", "20", "-q"]
 LEGACY_FAST = ["--cache-dir", "off", "--steps", "40", "--bootstrap", "20", "-q"]  # the old spellings
 
@@ -243,7 +245,7 @@ def test_checkpoint_missing(demo, tmp_path, capsys):
     code, _, err = _run(
         [*args, "--estimator", str(tmp_path / "nope.pt"), "--output-path", str(tmp_path)], capsys
     )
-    assert code == 2 and "does not exist" in _one_error_line(err)
+    assert code == 2 and f"--estimator {tmp_path / 'nope.pt'}: no such file" in _one_error_line(err)
 
 
 def test_too_few_samples(tmp_path, capsys):
@@ -265,13 +267,13 @@ def test_too_few_samples(tmp_path, capsys):
     )
     capsys.readouterr()
     args = ["score", "--dataset", str(tmp_path / "dataset"), "--responses", str(tmp_path / "responses")]
-    code, _, err = _run([*args, "--output-path", str(tmp_path / "out")], capsys)
+    code, _, err = _run([*args, "--output-path", str(tmp_path / "out"), *OFFLINE], capsys)
     assert code == 2
     assert "task 'lbshift_syn_llava_bench_coco' has 1 sample(s)" in _one_error_line(err)
 
 
 def test_missing_and_bad_response_files(demo, tmp_path, capsys):
-    args = ["score", "--dataset", str(demo / "dataset"), "--output-path", str(tmp_path / "o")]
+    args = ["score", "--dataset", str(demo / "dataset"), "--output-path", str(tmp_path / "o"), *OFFLINE]
     code, _, err = _run([*args, "--responses", str(demo / "responses"), "--model", "other-model"], capsys)
     assert code == 2 and "no responses of model 'other-model'" in _one_error_line(err)
 
@@ -298,7 +300,7 @@ def test_missing_and_bad_response_files(demo, tmp_path, capsys):
 
 
 def test_missing_split_in_local_dataset(demo, tmp_path, capsys):
-    args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses")]
+    args = ["score", "--dataset", str(demo / "dataset"), "--responses", str(demo / "responses"), *OFFLINE]
     code, _, err = _run(
         [*args, "--output-path", str(tmp_path), "--scenarios", "llava_bench_coco_frost_1"], capsys
     )
@@ -307,8 +309,9 @@ def test_missing_split_in_local_dataset(demo, tmp_path, capsys):
 
 def test_analyze_errors(tmp_path, capsys):
     code, _, err = _run(["analyze", str(tmp_path / "none")], capsys)
-    assert code == 2 and "no such folder" in _one_error_line(err)
-    code, _, err = _run(["analyze", str(tmp_path)], capsys)
+    assert code == 2 and "no such file or folder" in _one_error_line(err)
+    assert not (tmp_path / "none").exists()  # no report folder made for a run folder that is not there
+    code, _, err = _run(["analyze", str(tmp_path), *OFFLINE], capsys)
     assert code == 2 and "--log_samples" in _one_error_line(err)
 
 
@@ -333,6 +336,7 @@ def test_dataset_not_reachable_console_script(demo, tmp_path):
         "llava_bench_coco",
         "--output-path",
         str(tmp_path),
+        *OFFLINE,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -621,11 +625,12 @@ console_main()
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["tasks-path"], ["leaderboard", "--help"], ["demo-data", "--help"]]
+    "args",
+    [["--help"], ["tasks-path"], ["estimators"], *([name, "--help"] for name in COMMANDS)],
 )
 def test_light_commands_import_no_heavy_library(args):
-    """``lmms-emi --help`` and the subcommands without encoders or estimators import no torch, scipy,
-    datasets, matplotlib or lmms-eval: they answer at once."""
+    """``lmms-emi --help``, every subcommand's ``--help``, and the subcommands without encoders or
+    estimators import no torch, scipy, datasets, matplotlib or lmms-eval: they answer at once."""
     heavy = ("torch", "scipy.stats", "datasets", "matplotlib", "transformers", "lmms_eval")
     code = (
         "import sys\nfrom lmms_emi.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"

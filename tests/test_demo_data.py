@@ -7,6 +7,7 @@ import json
 import datasets
 import numpy as np
 import pytest
+from conftest import DEMO_NATURAL_SPLITS
 
 from lmms_emi import scenarios as sc
 from lmms_emi.demo_data import (
@@ -26,13 +27,6 @@ SYN = [
     "llava_bench_coco_frost_3_KeyboardAug_3",
     "llava_bench_coco_sr_7",
 ]
-NAT = [
-    "llava_bench_coco_English",
-    "llava_bench_coco_German",
-    "llava_bench_in_the_wild_easy_Korean",
-    "llava_bench_in_the_wild_normal_Korean",
-    "llava_bench_in_the_wild_hard_Korean",
-]
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +36,10 @@ def syn_dir(tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def nat_dir(tmp_path_factory):
-    return build_demo_dataset(
-        tmp_path_factory.mktemp("nat"), benchmark="natural", scenarios=NAT, n_images=4, questions_per_image=2
-    )
+@pytest.fixture
+def nat_dir(demo_natural):
+    """The session's natural demo dataset (conftest.demo_natural: English and German, 4 photos)."""
+    return demo_natural["data"]
 
 
 def _pixels(img) -> np.ndarray:
@@ -96,11 +89,11 @@ def test_deterministic(tmp_path, syn_dir):
 
 def test_natural_layout(nat_dir):
     dd = datasets.load_from_disk(str(nat_dir))
-    assert list(dd) == NAT
+    assert list(dd) == list(DEMO_NATURAL_SPLITS)
     assert dd["llava_bench_coco_German"][0]["question"].endswith("; Please answer in English.")
-    normal = list(dd["llava_bench_in_the_wild_normal_Korean"]["question_id"])
-    easy = list(dd["llava_bench_in_the_wild_easy_Korean"]["question_id"])
-    hard = list(dd["llava_bench_in_the_wild_hard_Korean"]["question_id"])
+    normal = list(dd["llava_bench_in_the_wild_normal_English"]["question_id"])
+    easy = list(dd["llava_bench_in_the_wild_easy_English"]["question_id"])
+    hard = list(dd["llava_bench_in_the_wild_hard_English"]["question_id"])
     assert sorted(easy + hard) == normal == list(range(8))
     assert len(easy) == len(hard) == 4
 
@@ -141,16 +134,16 @@ def test_demo_responses(syn_dir, tmp_path):
 def test_demo_responses_combined_wild(nat_dir, tmp_path):
     write_demo_responses(nat_dir, tmp_path, model_name="m", combined_wild=True)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert "llava_bench_in_the_wild_Korean_m.jsonl" in files
+    assert "llava_bench_in_the_wild_English_m.jsonl" in files
     assert not any("in_the_wild_easy" in f or "in_the_wild_hard" in f for f in files)
     idx = json.loads((tmp_path / "lbwild_split_idx.json").read_text())
     dd = datasets.load_from_disk(str(nat_dir))
-    rows = [json.loads(line) for line in open(tmp_path / "llava_bench_in_the_wild_Korean_m.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "llava_bench_in_the_wild_English_m.jsonl")]
     assert len(rows) == 8
     easy_ids = [rows[i]["question_id"] for i in idx["easy_ood_fst_cd_new"]]
-    assert easy_ids == list(dd["llava_bench_in_the_wild_easy_Korean"]["question_id"])
+    assert easy_ids == list(dd["llava_bench_in_the_wild_easy_English"]["question_id"])
     hard_ids = [rows[i]["question_id"] for i in idx["hard_ood_fst_cd_new"]]
-    assert hard_ids == list(dd["llava_bench_in_the_wild_hard_Korean"]["question_id"])
+    assert hard_ids == list(dd["llava_bench_in_the_wild_hard_English"]["question_id"])
 
 
 def test_text_augmenters():

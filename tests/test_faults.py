@@ -278,7 +278,7 @@ def test_score_into_a_path_under_a_regular_file_is_one_error(world, tmp_path, ca
 
     (tmp_path / "file").write_text("x")
     code = main(_score_args(world, tmp_path / "file" / "out", "off", "-q"))
-    assert code == 2 and "cannot write reports there" in _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "cannot write there" in _one_error_line(capsys.readouterr().err)
 
 
 def _edit_responses(src: Path, dst: Path, edit) -> Path:
@@ -402,9 +402,9 @@ def test_train_estimator_refuses_files_of_other_dims_in_one_line(world, tmp_path
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        (["--confidence", "1.5"], "the confidence level must be in (0, 1), got 1.5"),
-        (["--estimator-steps", "0"], "needs at least 1 training step, got 0"),
-        (["--entropy-scale", "inf"], "the entropy scale must be a finite number >= 0, got inf"),
+        (["--confidence", "1.5"], "--confidence must be in (0, 1), got 1.5"),
+        (["--estimator-steps", "0"], "--estimator-steps must be >= 1, got 0"),
+        (["--entropy-scale", "inf"], "--entropy-scale must be a finite number >= 0, got inf"),
         (["--output_path", "FILE/sub"], "--output_path FILE/sub: cannot write there"),
     ],
 )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmms_emi.cli import build_parser
-from lmms_emi.cli._options import policy_from
+from lmms_emi.cli._options import config_from
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.errors import UsageError
 from lmms_emi.estimators.club import CLUB
@@ -111,6 +111,6 @@ def test_a_run_fit_stops_early_by_default_and_records_it():
 def test_cli_patience_option():
     base = ["score", "--responses", "r", "--output-path", "o"]
     ns = build_parser().parse_args(base)
-    assert policy_from(ns).patience == DEFAULT_PATIENCE
+    assert EstimatorPolicy.from_config(config_from(ns)).patience == DEFAULT_PATIENCE
     ns = build_parser().parse_args([*base, "--estimator-patience", "0"])
-    assert policy_from(ns).patience is None  # the paper's fixed recipe
+    assert EstimatorPolicy.from_config(config_from(ns)).patience is None  # the paper's fixed recipe

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pickle
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +21,12 @@ from helpers_analysis import small_club
 from lmms_emi import paths
 from lmms_emi import scenarios as sc
 from lmms_emi.cli import main
+from lmms_emi.config import EMIConfig
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.errors import EXIT_USAGE, DataPathError, UsageError
 from lmms_emi.estimators.club import CLUB
+from lmms_emi.harness import argv as lmms_argv
 from lmms_emi.harness import launch, make_tasks, overrides, session, task_utils
-from lmms_emi.harness.options import EMIOptions
 from lmms_emi.metrics import TASK_METRICS
 from lmms_emi.pipeline import AnalysisSettings, EstimatorInfo, RunAnalysis, ShiftAnalysis, analyze_shift
 from lmms_emi.sources.datasets import local_dataset
@@ -34,7 +36,7 @@ datasets = pytest.importorskip("datasets")
 
 @pytest.fixture(autouse=True)
 def _fresh_session():
-    session.reset(EMIOptions())
+    session.reset(EMIConfig())
     yield
     session.reset()
 
@@ -176,8 +178,8 @@ def test_plan_unknown_plugin_task_suggests() -> None:
 
 def test_set_arg() -> None:
     argv = ["--tasks", "a", "--include_path=x", "--model", "m"]
-    assert launch.set_arg(argv, "--include_path", None) == ["--tasks", "a", "--model", "m"]
-    assert launch.set_arg(argv, "--tasks", "b") == ["--include_path=x", "--model", "m", "--tasks", "b"]
+    assert lmms_argv.set_arg(argv, "--include_path", None) == ["--tasks", "a", "--model", "m"]
+    assert lmms_argv.set_arg(argv, "--tasks", "b") == ["--include_path=x", "--model", "m", "--tasks", "b"]
 
 
 def test_describe_error_messages() -> None:
@@ -366,14 +368,17 @@ def test_update_results_writes_task_and_group_entries(tmp_path: Path) -> None:
     assert out["lmms_emi"]["x"] == 1 and "synthetic" in out["lmms_emi"]["benchmarks"]
 
 
-def test_options_roundtrip() -> None:
-    env: dict[str, str] = {}
-    opts = EMIOptions(profile="offline", estimator="/x.pt", entropy_scale=2.0, bootstrap=7, cache_dir="off")
-    opts.to_env(env)
-    back = EMIOptions.from_env(env)
-    assert back == opts
-    assert back.embedder_kwargs()["cache_dir"] is False
-    assert EMIOptions.from_env({}) == EMIOptions()
+def test_run_config_reaches_every_process_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planning process exports the resolved config; a worker's session reads exactly it back, even
+    where the worker's own environment holds other LMMS_EMI_* values (flags won in the planner)."""
+    config = EMIConfig(
+        encoders="offline", estimator="/x.pt", entropy_scale=2.0, bootstrap=7, embedding_cache="off"
+    )
+    with session.exported(config):
+        monkeypatch.setenv("LMMS_EMI_ENCODERS", "paper")
+        assert session.reset().config == config
+    assert session.RUN_CONFIG_VAR not in os.environ
+    assert config.embedder_kwargs()["cache_dir"] is False
 
 
 def test_help_lists_emi_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -392,11 +397,14 @@ def test_usage_errors_before_lmms_eval(tmp_path: Path, capsys: pytest.CaptureFix
         (["--model", "dummy"], "give the tasks"),
         (
             ["--tasks", "lbshift_syn_llava_bench_coco", "--confidence", "1.5"],
-            "confidence level must be in (0, 1)",
+            "--confidence must be in (0, 1)",
         ),
-        (["--tasks", "lbshift_syn_llava_bench_coco", "--estimator_steps", "0"], "at least 1 training step"),
+        (
+            ["--tasks", "lbshift_syn_llava_bench_coco", "--estimator_steps", "0"],
+            "--estimator-steps must be >= 1",
+        ),
         (["--tasks", "lbshift_syn_llava_bench_coco", "--entropy-scale", "inf"], "finite number >= 0"),
-        (["--tasks", "lbshift_syn_llava_bench_coco", "--bootstrap", "-1"], "resamples must be >= 0"),
+        (["--tasks", "lbshift_syn_llava_bench_coco", "--bootstrap", "-1"], "--bootstrap must be >= 0"),
     ]
     for argv, message in cases:
         assert main(["eval", *argv]) == EXIT_USAGE
@@ -405,7 +413,7 @@ def test_usage_errors_before_lmms_eval(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_lmms_peek() -> None:
-    ns = launch.lmms_peek(["--model", "m", "--tasks=a,b", "--output_path", "o", "--limit", "3"])
+    ns = lmms_argv.peek(["--model", "m", "--tasks=a,b", "--output_path", "o", "--limit", "3"])
     assert isinstance(ns, argparse.Namespace) and (ns.model, ns.tasks, ns.output_path) == ("m", "a,b", "o")
 
 
@@ -432,15 +440,13 @@ def test_theorem_bound_used_with_an_entropy_scale() -> None:
 
 
 def test_plain_run_options_from_short_environment_variables():
-    from lmms_emi.harness.options import EMIOptions
-
     env = {
         "LMMS_EMI_OPTIONS": '{"bootstrap": 50, "estimator": "x.pt"}',
         "LMMS_EMI_ESTIMATOR": "paper-global",
         "LMMS_EMI_JUDGE": "yes",
         "LMMS_EMI_JUDGE_MODEL": "judge-1",
     }
-    opts = EMIOptions.for_plain_run(env)
-    got = (opts.bootstrap, opts.estimator, opts.judge, opts.judge_model)
+    config = EMIConfig.from_sources(environ=env)
+    got = (config.bootstrap, config.estimator.name, config.judge, config.judge_model)
     assert got == (50, "paper-global", True, "judge-1")
-    assert EMIOptions.for_plain_run({"LMMS_EMI_JUDGE": "0"}).judge is False
+    assert EMIConfig.from_sources(environ={"LMMS_EMI_JUDGE": "0"}).judge is False

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import DEMO_NATURAL_SPLITS
 from judge_server import API_KEY, MODEL, JudgeServer, rule_scores
 from scipy import stats
 
@@ -33,7 +36,6 @@ def _config(server: JudgeServer, tmp_path: Path, **kw) -> JudgeConfig:
         api_key=API_KEY,
         cache_dir=str(tmp_path / "cache"),
         timeout=1.0,
-        retry_delay=0.01,
         max_attempts=3,
         environ={},
     )
@@ -101,6 +103,40 @@ def test_retries_exclusion_cache_and_usage(tmp_path):
         assert all(j.cached for j in out2[:5])
 
 
+def test_transport_retries_are_the_clients_within_the_attempt_budget(tmp_path):
+    """``max_attempts`` N: at most N calls per sample. The ``openai`` client retries a 429 / 5xx itself and
+    waits what the server's Retry-After asks; a sample still failing after N calls is excluded with the
+    status; with N = 1 nothing is retried."""
+
+    def faults(prompt: str, attempt: int) -> str | None:
+        if "zzdown" in prompt:
+            return "500"
+        return "429" if "zzbusy" in prompt and attempt == 1 else None
+
+    with JudgeServer(faults=faults, retry_after_ms=300) as server:
+        judge = Judge(_config(server, tmp_path, max_attempts=2, cache_dir="off"))
+        started = time.perf_counter()
+        busy = judge.judge_one(JudgeItem("t", 0, "Q?", REF, "zzbusy " + REF))
+        assert busy.scored and busy.attempts == 2 and time.perf_counter() - started >= 0.3
+        down = judge.judge_one(JudgeItem("t", 1, "Q?", REF, "zzdown"))
+        assert not down.scored and down.error == "HTTP 500 (attempt 2 of 2)" and down.attempts == 2
+        stats = judge.stats
+        assert (stats.calls, stats.retries, stats.excluded) == (4, 2, 1) and server.calls == 4
+        once = Judge(_config(server, tmp_path, max_attempts=1, cache_dir="off"))
+        assert once.judge_one(JudgeItem("t", 2, "Q?", REF, "zzdown")).attempts == 1 and server.calls == 5
+
+
+def test_cache_folder_is_the_user_cache_unless_overridden(tmp_path, monkeypatch):
+    monkeypatch.delenv("LMMS_EMI_JUDGE_CACHE", raising=False)
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert JudgeConfig().cache_path() == tmp_path / "xdg" / "lmms_emi" / "judge"
+    monkeypatch.setenv("LMMS_EMI_JUDGE_CACHE", str(tmp_path / "env"))
+    assert JudgeConfig().cache_path() == tmp_path / "env"
+    assert JudgeConfig(cache_dir=str(tmp_path / "opt")).cache_path() == tmp_path / "opt"
+    assert JudgeConfig(cache_dir="off").cache_path() is None
+
+
 def test_cache_is_keyed_by_model_and_prompt(tmp_path):
     with JudgeServer() as server:
         Judge(_config(server, tmp_path)).judge(_items([REF]))
@@ -113,7 +149,6 @@ def test_cache_is_keyed_by_model_and_prompt(tmp_path):
 
 def test_concurrency_limit(tmp_path):
     import threading
-    import time
 
     live, peak, lock = [0], [0], threading.Lock()
 
@@ -237,14 +272,16 @@ def _faults(prompt: str, attempt: int) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
-    from lmms_emi.demo_data import build_demo_dataset, write_demo_responses
-
+def e2e(tmp_path_factory, demo_natural):
+    assert tuple(SPLITS) == DEMO_NATURAL_SPLITS  # the shared demo data (conftest), read only
     root = tmp_path_factory.mktemp("judge_e2e")
-    data = build_demo_dataset(root / "data", benchmark="natural", scenarios=SPLITS, n_images=4)
-    write_demo_responses(data, root / "responses", model_name="demo-model", combined_wild=True)
     with JudgeServer(faults=_faults, sleep=2.5) as server:
-        yield {"root": root, "data": data, "server": server}
+        yield {
+            "root": root,
+            "data": demo_natural["data"],
+            "responses": demo_natural["responses"],
+            "server": server,
+        }
 
 
 def _judge_args(server: JudgeServer, root: Path) -> list[str]:
@@ -254,9 +291,8 @@ def _judge_args(server: JudgeServer, root: Path) -> list[str]:
 
 
 def _eval_args(e2e: dict, out: Path) -> list[str]:
-    root = e2e["root"]
     return ["eval", "--tasks", ",".join(TASKS), "--model", "emi_replay", "--model_args",
-            f"responses={root / 'responses'},model_name=demo-model", "--data", f"natural={e2e['data']}",
+            f"responses={e2e['responses']},model_name=demo-model", "--data", f"natural={e2e['data']}",
             "--output_path", str(out), "--log_samples", "--no_builtin_tasks", *COMMON]  # fmt: skip
 
 
@@ -410,15 +446,16 @@ def test_misconfigured_judge_fails_before_generation(e2e, tmp_path, capsys, chan
     assert server.calls == calls and not list(out.rglob("*_results.json"))  # nothing generated
 
 
+@pytest.mark.slow
 def test_score_judge_win_rates_match_the_rule(e2e, tmp_path):
     """``lmms-emi score --judge`` (response files, no lmms-eval run) gives the same per-task win rates as
     the server's rule, in the agreement report beside the EMI report."""
     from lmms_emi.sources.responses import read_response_file
 
-    root, server = e2e["root"], e2e["server"]
+    server = e2e["server"]
     splits = SPLITS[:2]
     out = tmp_path / "scored"
-    args = ["score", "--dataset", str(e2e["data"]), "--responses", str(root / "responses"), "--benchmark",
+    args = ["score", "--dataset", str(e2e["data"]), "--responses", str(e2e["responses"]), "--benchmark",
             "natural", "--scenarios", *splits, "--output-path", str(out), *COMMON,
             *_judge_args(server, tmp_path), "--judge-max-attempts", "3"]  # fmt: skip
     assert main(args) == 0
@@ -428,7 +465,7 @@ def test_score_judge_win_rates_match_the_rule(e2e, tmp_path):
 
     for split in splits:
         rows = datasets.load_from_disk(str(e2e["data"]))[split]
-        saved = read_response_file(root / "responses" / f"{split}_demo-model.jsonl")
+        saved = read_response_file(e2e["responses"] / f"{split}_demo-model.jsonl")
         answers = {r.question_id: r.text for r in saved}
         pairs = zip(rows["question_id"], rows["reference_answer"], strict=True)
         scores = [rule_scores(ref, answers[q]) for q, ref in pairs]

@@ -140,7 +140,73 @@ def _error_line(err: str) -> str:
     return lines[0]
 
 
+# ------------------------------------------------------------------------------------ a hand-written table
+def _handmade_run(folder: Path, model: str, *, emid: float | None = 0.25, text_encoder: str = "t") -> Path:
+    """A small results JSON in lmms-eval's layout with an EMI section, written by hand (no lmms-eval run):
+    the ID task and one visual-shift task, whose EMID may be missing."""
+    estimator = {
+        "name": "frozen-x",
+        "sha256": "ab" * 32,
+        "comparability": "global",
+        "encoders": {"vision": {"name": "enc-v", "dim": 8}, "text": {"name": text_encoder, "dim": 8}},
+    }
+    tasks = [
+        {"task": "t_id", "shift_kind": "id", "n": 10, "emi": 0.5, "emi_ci": [0.25, 0.75]},
+        {"task": "t_vis", "shift_kind": "visual", "n": 10, "emi": 0.25, "emid": emid, "bound": 1.5},
+    ]
+    analysis = {
+        "id_task": "t_id",
+        "tasks": tasks,
+        "settings": {"confidence_level": 0.95},
+        "correlations": {},
+        "metadata": {"model": model},
+    }
+    data = {
+        "results": {"t_id": {"emi,none": 0.5}, "t_vis": {"emi,none": 0.25, "emid,none": emid}},
+        "config": {"model": "replay"},
+        "lmms_emi": {"estimator": estimator, "benchmarks": {"bench": analysis}},
+    }
+    path = folder / f"{model}_results.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_renderings_of_a_handwritten_table(tmp_path: Path) -> None:
+    """Numbers to three decimals, the interval in brackets, a missing value as "–" (Markdown) or an empty
+    cell (CSV, full precision otherwise), null in JSON; encoders that differ are named field by field with
+    both runs."""
+    a = _handmade_run(tmp_path, "model-a")
+    b = _handmade_run(tmp_path, "model-b", emid=None)
+    board = build_leaderboard([a, b])
+    head = (
+        "| rank | model | run | ID EMI [95% CI] | mean EMID | worst EMID | mean bound | r(EMID, bound) | "
+        "EMID visual | EMID text | EMID joint |"
+    )
+    md = board.to_markdown().splitlines()
+    i = md.index(head)
+    assert md[i + 1 : i + 4] == [
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 1 | model-a | model-a | 0.500 [0.250, 0.750] | 0.250 | 0.250 | 1.500 | – | 0.250 | – | – |",
+        "| – | model-b | model-b | 0.500 [0.250, 0.750] | – | – | 1.500 | – | – | – | – |",
+    ]
+    rows = list(csv.DictReader(io.StringIO(board.to_csv())))
+    assert [(r["model"], r["rank"], r["emid_mean"], r["emi_id_ci_low"]) for r in rows] == [
+        ("model-a", "1", "0.25", "0.25"),
+        ("model-b", "", "", "0.25"),
+    ]
+    assert [r["emid_mean"] for r in json.loads(board.to_json())["rows"]] == [0.25, None]
+
+    other = _handmade_run(tmp_path, "model-c", text_encoder="other-t")
+    with pytest.raises(UsageError) as info:
+        build_leaderboard([a, other])
+    assert (
+        f"encoders differ: encoders.text.name: {a} (model model-a) 't', {other} (model model-c) 'other-t'"
+        in str(info.value)
+    )
+
+
 # ------------------------------------------------------------------------------------------------ values
+@pytest.mark.slow
 def test_table_values_equal_the_results_json(real_run: dict[str, Any]) -> None:
     worse = _copy(real_run, "b", _shift_emid(0.25), model="model-b")
     board = build_leaderboard([real_run["path"].parent.parent, worse])  # a folder and a file
@@ -163,6 +229,7 @@ def test_table_values_equal_the_results_json(real_run: dict[str, Any]) -> None:
     assert [r["rank"] for r in build_leaderboard([real_run["path"], worse], sort="emi_id").rows] == [1, 1]
 
 
+@pytest.mark.slow
 def test_other_metrics_become_columns_averaged_over_tasks(real_run: dict[str, Any]) -> None:
     """A judge's ``winrate,none`` (issue 10) is one more column: the mean over the benchmark's tasks."""
     winrates = {ID_TASK: 0.5, OOD_TASKS[0]: 0.25, OOD_TASKS[1]: 0.125, OOD_TASKS[2]: None}
@@ -199,6 +266,7 @@ def _fitted(data: dict) -> None:
     data["lmms_emi"]["estimator"].update(source="fitted", comparability="run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("edit", "words"),
     [
@@ -231,12 +299,14 @@ def test_incomparable_runs_are_refused_naming_the_difference(
     assert "**NOT COMPARABLE**" in md and "| ⚠ " in md
 
 
+@pytest.mark.slow
 def test_one_fitted_run_alone_is_shown(real_run: dict[str, Any]) -> None:
     """An estimator fitted on its run makes EMI comparable within that run: one such run is a valid table."""
     board = build_leaderboard([_copy(real_run, "alone", _fitted)])
     assert board.comparable and len(board.rows) == 1
 
 
+@pytest.mark.slow
 def test_a_task_analysed_alone_is_a_row_of_its_own(real_run: dict[str, Any]) -> None:
     """``--metrics emi`` on a user's task without an ID task: one row, EMI only, unranked by EMID."""
 
@@ -254,6 +324,7 @@ def test_a_task_analysed_alone_is_a_row_of_its_own(real_run: dict[str, Any]) -> 
     assert row["emid_mean"] is None and row["emid_worst"] is None and row["rank"] is None
 
 
+@pytest.mark.slow
 def test_a_run_without_a_recorded_estimator_is_not_ranked(real_run: dict[str, Any]) -> None:
     def edit(data: dict) -> None:
         data["lmms_emi"]["estimator"] = {"source": "checkpoint", "comparability": "global"}
@@ -263,6 +334,7 @@ def test_a_run_without_a_recorded_estimator_is_not_ranked(real_run: dict[str, An
 
 
 # ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(real_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     root = real_run["root"]
     (report,) = real_run["path"].parent.glob("*emi_report_synthetic.json")  # ours, not lmms-eval's results
@@ -290,6 +362,7 @@ def test_bad_inputs_are_one_line_errors(real_run: dict[str, Any], capsys: pytest
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+@pytest.mark.slow
 def test_all_four_files_written_and_never_overwritten(
     real_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,8 +29,8 @@ from lmms_emi.pipeline.run import plan_run
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MODEL = "demo-model"
-SPLITS = [
+MODEL = "demo-model"  # conftest.DEMO_MODEL
+SPLITS = [  # the visual subgroup's splits of the session's demo dataset (conftest.demo_natural)
     "llava_bench_coco_English",
     "llava_bench_in_the_wild_easy_English",
     "llava_bench_in_the_wild_normal_English",
@@ -134,6 +134,7 @@ def guard() -> dict:
     return json.loads(line[len("RESULT") :])
 
 
+@pytest.mark.slow  # these hook tests share the guard subprocess: lmms-eval's imports (~15-50 s)
 def test_hook_idle_on_other_tasks_is_cheap(guard: dict) -> None:
     """A command naming no lmms-emi task: nothing patched, nothing heavy imported, well under a second."""
     assert guard["idle"]["status"] == ["idle", "again"] and guard["idle"]["patched"] == [False, False]
@@ -142,12 +143,14 @@ def test_hook_idle_on_other_tasks_is_cheap(guard: dict) -> None:
     assert guard["idle"]["stderr"] == []
 
 
+@pytest.mark.slow
 def test_hook_off_by_environment(guard: dict) -> None:
     got = guard["off"]
     assert got["status"] == ["off", "again"] and got["patched"] == [False, False]
     assert "--metrics" in got["argv"] and got["stderr"] == []
 
 
+@pytest.mark.slow
 def test_hook_untested_lmms_eval_version_warns_once_and_patches_nothing(guard: dict) -> None:
     got = guard["untested"]
     assert got["status"] == ["untested", "again"] and got["patched"] == [False, False]
@@ -155,6 +158,7 @@ def test_hook_untested_lmms_eval_version_warns_once_and_patches_nothing(guard: d
     assert "lmms-emi eval" in got["stderr"][0] and "--metrics" in got["argv"]
 
 
+@pytest.mark.slow
 def test_hook_user_error_is_one_line(guard: dict) -> None:
     got = guard["error"]
     assert got["status"] == ["exit", 2] and got["patched"] == [False, False]
@@ -162,6 +166,7 @@ def test_hook_user_error_is_one_line(guard: dict) -> None:
     assert got["stderr"][0].startswith("lmms-emi: error: unknown task 'lbshift_nat_nope'")
 
 
+@pytest.mark.slow
 def test_hook_plans_the_run_and_patches_once(guard: dict) -> None:
     """Active: argv planned as by ``lmms-emi eval``; installing twice (and the patches twice) wraps each
     lmms-eval method once."""
@@ -193,15 +198,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from lmms_emi.demo_data import build_demo_dataset, write_demo_responses
-
-    root = tmp_path_factory.mktemp("plain")
-    data = build_demo_dataset(
-        root / "data", benchmark="natural", scenarios=SPLITS, n_images=4, questions_per_image=2
-    )
-    write_demo_responses(data, root / "responses", model_name=MODEL, combined_wild=True)
-    return {"root": root, "data": data, "responses": root / "responses"}
+def demo(demo_natural: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The session's demo dataset and responses (read only) and this module's output root."""
+    return {"root": tmp_path_factory.mktemp("plain"), **demo_natural}
 
 
 def _model_args(demo: dict[str, Path]) -> list[str]:

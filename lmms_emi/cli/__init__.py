@@ -19,18 +19,18 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import atexit
+import gc
 import importlib
 import os
 import sys
-import threading
 from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
 from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.errors import EXIT_INTERRUPTED, EXIT_USAGE, LmmsEmiError, one_line
 
-__all__ = ["build_parser", "console_main", "exit_without_teardown", "main"]
+__all__ = ["build_parser", "console_main", "exit_without_gc", "main"]
+
 
 def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The ``lmms-emi`` parser. The subcommands in ``full`` (default: all) get their whole parser, which
@@ -86,21 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def console_main() -> NoReturn:
     """The ``lmms-emi`` console script (and ``python -m lmms_emi.cli``): :func:`main`, then a quick exit."""
-    exit_without_teardown(main())
+    exit_without_gc(main())
 
 
-def exit_without_teardown(code: int) -> NoReturn:
-    """End the process as ``sys.exit(code)`` does, without the interpreter's teardown of every module and
-    object it holds (0.3 s for torch alone, 0.6 s with the analysis libraries; every file is written and
-    closed by then): the exit handlers run (logging, multiprocessing, tqdm, ...) and stdout / stderr are
-    flushed first. With a non-daemon thread still running, the normal exit waits for it instead."""
-    main_thread = threading.main_thread()
-    if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
-        sys.exit(code)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing left to say on it
-            pass
-    os._exit(code)
+def exit_without_gc(code: int) -> NoReturn:
+    """``sys.exit(code)`` with the cyclic garbage collector frozen and off: the interpreter's teardown then
+    frees what torch, scipy, ... hold by reference counts, without tracing their objects for cycles again (a
+    warm full-size ``benchmarks/bench_score.py`` run exits in 0.24 s instead of 0.74 s; 2 CPUs, 2026-12-06).
+    A normal exit otherwise: exit handlers run, streams are flushed, non-daemon threads are waited for."""
+    gc.freeze()
+    gc.disable()
+    sys.exit(code)

@@ -34,6 +34,10 @@ COMMANDS: dict[str, Command] = {
     "leaderboard": Command(
         "lmms_emi.cli.leaderboard", "merge several models' / runs' results into one EMI leaderboard"
     ),
+    "compare": Command(
+        "lmms_emi.cli.compare",
+        "is one run's EMI really higher than another's? a paired bootstrap over questions",
+    ),
     "tasks-path": Command(
         "lmms_emi.cli.tasks_path", "print the plugin's lmms-eval task folder (for lmms-eval --include_path)"
     ),

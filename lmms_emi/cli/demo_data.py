@@ -7,7 +7,6 @@ from pathlib import Path
 
 from lmms_emi import scenarios as sc
 from lmms_emi.cli._commands import COMMANDS
-from lmms_emi.cli._options import HelpFormatter, add_option
 from lmms_emi.demo_data import DEMO_MODEL, build_demo_dataset, write_demo_responses
 from lmms_emi.errors import EXIT_OK
 
@@ -16,13 +15,17 @@ HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(NAME, formatter_class=HelpFormatter, help=HELP, description=HELP)
+    p = sub.add_parser(NAME, help=HELP, description=HELP)
     p.add_argument("dir", help="output folder (gets dataset/ and responses/)")
     p.add_argument("--benchmark", choices=sc.BENCHMARKS, default="synthetic")
     p.add_argument("--scenarios", nargs="+", help="subset of scenarios (split names; commas allowed)")
-    add_option(p, "--n-images", type=int, default=6, help="photos per scenario")
-    add_option(p, "--questions-per-image", type=int, default=2, help="questions per photo")
-    add_option(p, "--model-name", default=DEMO_MODEL, help="the demo model's name in the response files")
+    p.add_argument("--n-images", "--n_images", type=int, default=6, help="photos per scenario")
+    p.add_argument(
+        "--questions-per-image", "--questions_per_image", type=int, default=2, help="questions per photo"
+    )
+    p.add_argument(
+        "--model-name", "--model_name", default=DEMO_MODEL, help="the demo model's name in the response files"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p

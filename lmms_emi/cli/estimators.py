@@ -7,7 +7,6 @@ import json
 
 from lmms_emi import estimator_registry as registry
 from lmms_emi.cli._commands import COMMANDS
-from lmms_emi.cli._options import HelpFormatter
 from lmms_emi.errors import EXIT_OK, LmmsEmiError, one_line
 
 NAME = "estimators"
@@ -17,7 +16,6 @@ HELP = COMMANDS[NAME].help
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         NAME,
-        formatter_class=HelpFormatter,
         help=HELP,
         description=HELP + f". Files are looked up in ${registry.DIR_ENV}, beside the registry, then in the "
         f"cache (${registry.CACHE_ENV}, else $XDG_CACHE_HOME/lmms_emi/estimators, else "
@@ -42,8 +40,6 @@ def _status(entry: registry.RegistryEntry) -> tuple[str, str | None]:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from lmms_emi.pipeline.estimator import entry_encoders  # (torch: only when it runs)
-
     entries = registry.load_registry()
     if ns.fetch is not None:
         for name in ns.fetch or sorted(entries):
@@ -51,7 +47,7 @@ def run(ns: argparse.Namespace) -> int:
     rows = []
     for entry in entries.values():
         status, path = _status(entry)
-        rows.append({**entry.__dict__, "encoders": entry_encoders(entry), "status": status, "path": path})
+        rows.append({**entry.__dict__, "encoders": entry.encoder_spec(), "status": status, "path": path})
     if ns.json:
         print(json.dumps({"cache": str(registry.cache_dir()), "estimators": rows}, indent=2))
         return EXIT_OK

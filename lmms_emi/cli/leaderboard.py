@@ -1,15 +1,18 @@
 """``lmms-emi leaderboard RUN_OR_RESULTS...``: merge several runs' results JSON into one table (Markdown on
-stdout; Markdown, CSV, JSON and a PNG in ``--output-path``). Columns: ``docs/LEADERBOARD.md``."""
+stdout; Markdown, CSV, JSON and a PNG in ``--output-path``); ``--common-estimator`` re-scores the runs with
+one estimator fitted on all their saved embeddings first. Columns: ``docs/LEADERBOARD.md``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lmms_emi.cli._commands import COMMANDS
-from lmms_emi.cli._options import HelpFormatter, add_option
-from lmms_emi.errors import EXIT_OK
+from lmms_emi.cli._options import add_emi_options, config_from
+from lmms_emi.errors import EXIT_OK, UsageError
 from lmms_emi.leaderboard import DEFAULT_SORT, build_leaderboard, write_leaderboard
+from lmms_emi.leaderboard.render import check_targets
 
 NAME = "leaderboard"
 HELP = COMMANDS[NAME].help
@@ -18,13 +21,18 @@ HELP = COMMANDS[NAME].help
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         NAME,
-        formatter_class=HelpFormatter,
         help=HELP,
         description=HELP
-        + ": lmms-eval results JSON files (*_results.json) or folders holding them (searched recursively).",
+        + ": lmms-eval results JSON files (*_results.json) or folders holding them (searched recursively; a "
+        "results file there without EMI, e.g. of a killed run, is skipped with a note).",
     )
     p.add_argument("inputs", nargs="*", metavar="RUN_OR_RESULTS", help="results JSON files or run folders")
-    add_option(p, "--output-path", default=None, help="write leaderboard.{md,csv,json,png} into this folder")
+    p.add_argument(
+        "--output-path",
+        "--output_path",
+        default=None,
+        help="write leaderboard.{md,csv,json,png} into this folder",
+    )
     p.add_argument(
         "--format",
         choices=["markdown", "csv", "json"],
@@ -34,21 +42,49 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--sort",
         default=DEFAULT_SORT,
-        help=f"column ranked on within each benchmark (default {DEFAULT_SORT}, lower is better)",
+        help=f"column ranked on within each benchmark (default {DEFAULT_SORT}: EMI under shift, the "
+        "headline; higher is better)",
     )
     p.add_argument(
         "--force", action="store_true", help="show runs of different estimators / encoders anyway, flagged"
     )
+    p.add_argument(
+        "--common-estimator",
+        "--common_estimator",
+        action="store_true",
+        help="re-score every run with one estimator fitted on the pooled embeddings the runs saved (no "
+        "encoder is loaded); the estimator is saved in --output-path (leaderboard_club.safetensors)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --output-path")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_emi_options(p, ("estimator", "display"), skip=("estimator",))
     return p
 
 
 def run(ns: argparse.Namespace) -> int:
-    board = build_leaderboard(ns.inputs, force=ns.force, sort=ns.sort)
+    common = None
+    if ns.common_estimator:
+        from lmms_emi.leaderboard.rescore import COMMON_ESTIMATOR_FILE, CommonEstimator
+
+        if ns.output_path is None:
+            raise UsageError(
+                "--common-estimator needs --output-path (the estimator is saved beside the board)"
+            )
+        check_targets(Path(ns.output_path), [COMMON_ESTIMATOR_FILE], overwrite=ns.overwrite)  # before the fit
+        config = config_from(ns)
+        common = CommonEstimator(
+            Path(ns.output_path),
+            steps=config.estimator_steps,
+            patience=config.estimator_patience or None,
+            seed=config.seed,
+            progress=config.progress,
+        )
+    board = build_leaderboard(ns.inputs, force=ns.force, sort=ns.sort, common_estimator=common)
     if ns.output_path is not None:
-        paths = write_leaderboard(board, ns.output_path, overwrite=ns.overwrite)
+        extra = {common.path.name: common.file_bytes} if common is not None and common.file_bytes else None
+        paths = write_leaderboard(board, ns.output_path, overwrite=ns.overwrite, extra=extra)
         print(f"lmms-emi leaderboard: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    for note in board.notes:
+        print(f"lmms-emi leaderboard: note: {note}", file=sys.stderr)
     if not board.comparable:
         print("lmms-emi leaderboard: warning: runs are NOT comparable (shown with --force)", file=sys.stderr)
     sys.stdout.write(board.render(ns.format))

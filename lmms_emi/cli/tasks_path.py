@@ -11,7 +11,6 @@ import argparse
 from pathlib import Path
 
 from lmms_emi.cli._commands import COMMANDS
-from lmms_emi.cli._options import HelpFormatter
 from lmms_emi.errors import EXIT_OK, UsageError
 from lmms_emi.harness.overrides import build_include_dir, parse_data_args
 from lmms_emi.paths import tasks_dir
@@ -21,7 +20,7 @@ HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(NAME, formatter_class=HelpFormatter, help=HELP, description=HELP)
+    p = sub.add_parser(NAME, help=HELP, description=HELP)
     p.add_argument(
         "--data",
         action="append",

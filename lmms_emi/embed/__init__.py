@@ -17,17 +17,7 @@ without building it (nothing loaded).
 from lmms_emi.errors import EmbedInputError, EncoderLoadError
 
 from .cache import EmbeddingCache, cache_key, default_cache_dir
-from .distributed import dist_context, gather_rows, shard_and_gather, shard_indices
-from .embedder import (
-    DEFAULT_PROJECTION_SEED,
-    PROFILES,
-    SPEC_ARGUMENTS,
-    Embedder,
-    EmbedStats,
-    ModalityStats,
-    RandomProjection,
-    profile_spec,
-)
+from .embedder import Embedder
 from .encoders import (
     KNOWN_ENCODERS,
     TEXT_ENCODERS,
@@ -44,8 +34,12 @@ from .encoders import (
     load_encoder,
     mean_after_first,
     recognise,
+    register_backend,
     register_encoder,
 )
+from .profiles import PROFILES, SPEC_ARGUMENTS, profile_spec
+from .projection import DEFAULT_PROJECTION_SEED, RandomProjection
+from .stats import EmbedStats, ModalityStats
 
 __all__ = [
     "DEFAULT_PROJECTION_SEED",
@@ -72,13 +66,10 @@ __all__ = [
     "canonical_name",
     "default_cache_dir",
     "describe_encoder",
-    "dist_context",
-    "gather_rows",
     "load_encoder",
     "mean_after_first",
     "profile_spec",
     "recognise",
+    "register_backend",
     "register_encoder",
-    "shard_and_gather",
-    "shard_indices",
 ]

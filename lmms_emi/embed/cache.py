@@ -25,6 +25,7 @@ import os
 import struct
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +33,20 @@ import torch
 from safetensors.torch import save as st_save
 
 from lmms_emi._io import atomic_write, ensure_writable_dir, sweep_dead_writers
+from lmms_emi.environment import getenv
+from lmms_emi.paths import user_cache_dir
 
 _FORMAT = "lmms_emi.embedding.v1"
 
 
 def default_cache_dir() -> Path:
-    """``$LMMS_EMI_CACHE`` or ``~/.cache/lmms_emi/embeddings``."""
-    env = os.environ.get("LMMS_EMI_CACHE")
+    """``$LMMS_EMI_EMBEDDING_CACHE``, else the plugin's user cache folder for embeddings
+    (:func:`lmms_emi.paths.user_cache_dir`: ``$XDG_CACHE_HOME/lmms_emi/embeddings`` or
+    ``~/.cache/lmms_emi/embeddings`` on Linux)."""
+    env = getenv("LMMS_EMI_EMBEDDING_CACHE")
     if env:
         return Path(env).expanduser()
-    return Path("~/.cache/lmms_emi/embeddings").expanduser()
+    return user_cache_dir("embeddings")
 
 
 def user_warning(message: str, *, stacklevel: int = 2) -> None:
@@ -113,6 +118,43 @@ class EmbeddingCache:
         blob = st_save({"z": arr}, metadata=meta)
         if not _publish_unnamed(p, blob):
             atomic_write(p, lambda tmp: tmp.write_bytes(blob))  # replaces a bad entry; or no O_TMPFILE
+
+
+class CacheWriter:
+    """Stores rows in an :class:`EmbeddingCache` from one background thread, so that writes overlap the next
+    forward passes. The first ``OSError`` (read-only folder, disk full) stops the writing and is kept: the
+    values are still the caller's, only not stored."""
+
+    def __init__(self, cache: EmbeddingCache, produced_by: Mapping[str, object] | None = None) -> None:
+        self.cache = cache
+        self.produced_by = produced_by
+        self.error: OSError | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._writes: list[Future[None]] = []
+
+    def submit(self, keys: Sequence[str], rows: torch.Tensor) -> None:
+        """Queue ``rows[i]`` under ``keys[i]``."""
+        self._writes.append(self._pool.submit(self._write, list(keys), rows))
+
+    def _write(self, keys: list[str], rows: torch.Tensor) -> None:
+        for key, row in zip(keys, rows, strict=True):
+            if self.error is not None:
+                return
+            try:
+                self.cache.put(key, row, produced_by=self.produced_by)
+            except OSError as exc:
+                self.error = exc
+
+    def wait(self) -> OSError | None:
+        """Wait until every queued entry is on disk; raise what a write raised other than ``OSError``, and
+        return the ``OSError`` that stopped the writing (None when all were written)."""
+        for write in self._writes:
+            write.result()
+        return self.error
+
+    def close(self) -> None:
+        """Finish the queued writes and stop the thread."""
+        self._pool.shutdown(wait=True)
 
 
 def _publish_unnamed(path: Path, blob: bytes) -> bool:

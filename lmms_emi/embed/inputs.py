@@ -181,6 +181,12 @@ def _bytes_hash(data: bytes, memo: HashMemo | None) -> str:
     return digest
 
 
+def check_sequence(obj: Any, what: str) -> None:
+    """A lone string / bytes / image is a common mistake for a one-element list: refuse it."""
+    if isinstance(obj, str | bytes | Image.Image | os.PathLike):
+        raise TypeError(f"{what} must be a sequence of items, not a single {type(obj).__name__}")
+
+
 def coerce_texts(texts: Sequence[Any], sample_ids: Sequence[Any] | None = None) -> tuple[list[str], int]:
     """Convert every entry to ``str``: ``None -> ""``, ``bytes`` decoded as UTF-8, others ``str(x)``.
 

@@ -23,28 +23,28 @@ beyond the task names, nothing patched); ``LMMS_EMI_HOOK=0`` turns the hook off;
 ``LMMS_EMI_HOOK=force`` patches anyway); a second call in a process does nothing, and the patches mark the
 wrapped methods so a second copy never wraps twice.
 
-Environment of a plain run: ``LMMS_EMI_DATA="synthetic=PATH,natural=PATH"`` (local dataset copies, as
-``lmms-emi eval --data``), ``LMMS_EMI_ENCODERS`` / ``LMMS_EMI_ESTIMATOR`` / ``LMMS_EMI_ID_TASK`` and
-``$LMMS_EMI_OPTIONS`` (JSON, every option; :meth:`EMIOptions.for_plain_run`), ``LMMS_EMI_BUILTIN_TASKS=0``
-(skip indexing lmms-eval's ~2000 built-in task YAMLs, ~15 s).
+Options of a plain run come from the environment (:meth:`lmms_emi.config.EMIConfig.from_sources`): every
+option as ``LMMS_EMI_<NAME>`` (e.g. ``LMMS_EMI_DATA="synthetic=PATH,natural=PATH"``, local dataset copies
+as ``lmms-emi eval --data``; ``LMMS_EMI_BUILTIN_TASKS=0`` skips indexing lmms-eval's ~2000 built-in task
+YAMLs, ~15 s) or all of them as JSON in ``$LMMS_EMI_OPTIONS``; a malformed value stops the command with one
+line naming the variable.
 """
 
 from __future__ import annotations
 
 import atexit
 import fnmatch
-import os
 import shutil
 import sys
 from typing import Any
 
+from lmms_emi.environment import getenv
+from lmms_emi.harness import argv as lmms_argv
 from lmms_emi.harness import make_tasks, replay
 
 __all__ = ["SWITCH_VAR", "TESTED_LMMS_EVAL", "install", "model_manifests"]
 
 SWITCH_VAR = "LMMS_EMI_HOOK"  # "0" off, "force" also on untested lmms-eval versions
-DATA_VAR = "LMMS_EMI_DATA"
-BUILTIN_VAR = "LMMS_EMI_BUILTIN_TASKS"
 TESTED_LMMS_EVAL = ("0.7.3",)
 _OFF = ("0", "off", "false", "no")
 
@@ -78,7 +78,7 @@ def _in_lmms_eval_cli() -> bool:
 
 
 def _install(argv: list[str], in_cli: bool) -> str:
-    switch = os.environ.get(SWITCH_VAR, "1").strip().lower()
+    switch = (getenv(SWITCH_VAR) or "1").strip().lower()
     if switch in _OFF:
         return "off"
     if not in_cli:
@@ -87,7 +87,7 @@ def _install(argv: list[str], in_cli: bool) -> str:
     if launcher is not None and launcher.active() is not None:
         return "launcher"
     try:
-        metrics, args = _pop_option(argv[1:], "--metrics")
+        metrics, args = lmms_argv.pop_option(argv[1:], "--metrics")
     except ValueError as exc:
         return _exit(str(exc), 2)
     if metrics is None and not _names_plugin_task(args):
@@ -103,19 +103,18 @@ def _install(argv: list[str], in_cli: bool) -> str:
         return "untested"
 
     from lmms_emi._io import scratch_dir
+    from lmms_emi.config import EMIConfig
     from lmms_emi.errors import LmmsEmiError, one_line
     from lmms_emi.harness import launch
-    from lmms_emi.harness.options import EMIOptions
 
+    try:  # a malformed LMMS_EMI_* value is one line naming it, before anything else
+        config = EMIConfig.from_sources()
+    except LmmsEmiError as exc:
+        return _exit(one_line(exc), exc.exit_code)
     run_dir = scratch_dir(launch.SCRATCH_PREFIX)
     atexit.register(shutil.rmtree, run_dir, True)
-    data = [v.strip() for v in os.environ.get(DATA_VAR, "").split(",") if v.strip()]
-    builtin = os.environ.get(BUILTIN_VAR, "1").strip().lower() not in _OFF
     try:
-        opts = EMIOptions.for_plain_run()
-        prep = launch.prepare_run(
-            opts, args, run_dir, data, metrics, builtin_tasks=builtin, raise_errors=False
-        )
+        prep = launch.prepare_run(config, args, run_dir, metrics, raise_errors=False)
     except (LmmsEmiError, ValueError, FileNotFoundError) as exc:
         code = exc.exit_code if isinstance(exc, LmmsEmiError) else 2
         return _exit(one_line(exc), code)
@@ -129,42 +128,8 @@ def _exit(message: str, code: int) -> str:
     raise SystemExit(code)
 
 
-def _pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
-    """(value of ``name``, ``args`` without it); handles ``--x v`` and ``--x=v``."""
-    value, out, i = None, [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg == name:
-            if i + 1 >= len(args):
-                raise ValueError(f"{name} needs a value (e.g. {name} emi)")
-            value, i = args[i + 1], i + 2
-            continue
-        if arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-        else:
-            out.append(arg)
-        i += 1
-    return value, out
-
-
-def _task_names(args: list[str]) -> list[str]:
-    """The task names of ``--tasks`` (or of the ``tasks`` of a ``--config`` file)."""
-    tasks, _ = _pop_option(args, "--tasks")
-    if tasks is None:
-        config, _ = _pop_option(args, "--config")
-        if not config or not os.path.isfile(config):
-            return []
-        import yaml
-
-        with open(config, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
-        entries = loaded if isinstance(loaded, list) else [loaded]
-        tasks = ",".join(str(e.get("tasks", "")) for e in entries if isinstance(e, dict))
-    return [t.strip() for t in tasks.split(",") if t.strip()]
-
-
 def _names_plugin_task(args: list[str]) -> bool:
-    names = _task_names(args)
+    names = lmms_argv.task_names(args)
     if any(n in make_tasks.LIST_COMMANDS for n in names):
         return True
     ours = make_tasks.plugin_names()

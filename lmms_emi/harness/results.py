@@ -22,7 +22,7 @@ from lmms_emi import __version__
 from lmms_emi._io import atomic_write_text
 from lmms_emi.metrics import FILTER, METRICS, TASK_METRICS, group_aggregate, task_values
 from lmms_emi.pipeline.run import RunAnalysis
-from lmms_emi.pipeline.shift import TaskResult, correlate
+from lmms_emi.pipeline.shift import TaskResult
 
 __all__ = ["group_entry", "rewrite_results_file", "task_entry", "update_results"]
 
@@ -67,8 +67,7 @@ def group_entry(run: RunAnalysis, leaves: list[str], entropy_scale: float | None
         entry[m.key] = group_aggregate(m.group, [m.value(t, entropy_scale=entropy_scale) for t in rows])
     bound_name = "bound_theorem" if entropy_scale is not None else "bound"
     for key, name in (("emid_pearson", bound_name), ("emid_pearson_partial", "partial_bound")):
-        rows = [t for t in ood if _finite(getattr(t, name)) is not None]
-        corr = correlate([t.emid for t in rows], [getattr(t, name) for t in rows], [t.task for t in rows])
+        corr = analysis.correlation_over(name, leaves)
         entry[f"{key},{FILTER}"] = None if corr is None else _finite(corr.pearson_r)
         entry[f"{key}_pvalue,{FILTER}"] = None if corr is None else _finite(corr.pearson_p)
     entry["emid_pairs"] = len(ood)

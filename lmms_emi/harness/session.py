@@ -20,30 +20,46 @@ session per process: :func:`current` returns it and :func:`reset` starts a new o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
 
 from lmms_emi import scenarios as sc
+from lmms_emi.config import EMIConfig
 from lmms_emi.embed import Embedder
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.estimators.club import CLUB
-from lmms_emi.harness.options import EMIOptions
 from lmms_emi.judge import Judge
 from lmms_emi.metrics import task_values
 from lmms_emi.pipeline.agreement import JudgeRun
-from lmms_emi.pipeline.estimator import EstimatorInfo, fixed_estimator
+from lmms_emi.pipeline.estimator import EstimatorInfo, EstimatorPolicy, fixed_estimator
+from lmms_emi.pipeline.preflight import Ready, judge_config
 from lmms_emi.pipeline.records import Sample
 from lmms_emi.pipeline.run import RunAnalysis, analyze_run
+from lmms_emi.pipeline.shift import AnalysisSettings
 
-__all__ = ["DOC_ID_COLUMN", "TASK_COLUMN", "ForeignTask", "RunSession", "current", "reset"]
+__all__ = [
+    "DOC_ID_COLUMN",
+    "RUN_CONFIG_VAR",
+    "TASK_COLUMN",
+    "ForeignTask",
+    "RunSession",
+    "current",
+    "export",
+    "exported",
+    "reset",
+]
 
 DOC_ID_COLUMN = "emi_doc_id"
 TASK_COLUMN = "emi_task"
+#: The resolved config of a run, set by the process that planned it for every process of the run (also
+#: ``torchrun`` / ``accelerate launch`` workers, which inherit the environment); not a user setting.
+RUN_CONFIG_VAR = "LMMS_EMI_RUN_CONFIG"
 
 
 @dataclass
@@ -60,8 +76,8 @@ class ForeignTask:
 class RunSession:
     """Explicit state of one run: datasets, records, embeddings, provisional metrics, the estimator."""
 
-    def __init__(self, options: EMIOptions | None = None) -> None:
-        self.options = options or EMIOptions.from_env()
+    def __init__(self, config: EMIConfig | None = None, ready: Ready | None = None) -> None:
+        self.config = config or _config_from_env()
         self._lock = threading.RLock()
         self._datasets: dict[str, Any] = {}  # task -> processed split (for the images)
         self._foreign: dict[str, ForeignTask] = {}
@@ -69,7 +85,9 @@ class RunSession:
         self._local: dict[str, dict[Any, dict]] = {}  # this rank's records, by task and doc_id
         self._embeddings: dict[str, TaskEmbeddings] = {}
         self._provisional: dict[str, dict[str, Any]] = {}
-        self._embedder: Embedder | None = None
+        self._embedder: Embedder | None = None if ready is None else ready.embedder
+        self._policy = EstimatorPolicy.from_config(self.config) if ready is None else ready.policy
+        self._settings = AnalysisSettings.from_config(self.config) if ready is None else ready.settings
         self._fixed: tuple[CLUB, EstimatorInfo] | bool | None = False  # False: not looked up yet
 
     # ------------------------------------------------------------------------------------------ load time
@@ -169,14 +187,15 @@ class RunSession:
             self.register_samples(list(self._local[id_task].values()))
         tasks = [task] + ([id_task] if id_task not in (None, task) and id_task in self._samples else [])
         run = self._analyze(tasks, fixed)
-        return task_values(run.task_result(task), entropy_scale=self.options.entropy_scale)
+        return task_values(run.task_result(task), entropy_scale=self.config.entropy_scale)
 
     # ----------------------------------------------------------------------------------- encoders, estimator
     def embedder(self) -> Embedder:
         """The run's Embedder (built on first use from the options)."""
         with self._lock:
             if self._embedder is None:
-                self._embedder = Embedder.from_profile(self.options.profile, **self.options.embedder_kwargs())
+                config = self.config.replace(progress=False)  # inside lmms-eval: its own bars only
+                self._embedder = Embedder.from_profile(config.encoders, **config.embedder_kwargs())
             return self._embedder
 
     def encoder_spec(self) -> dict[str, Any]:
@@ -187,7 +206,7 @@ class RunSession:
         """The estimator when it needs no training (a given checkpoint or a shipped default), else None."""
         with self._lock:
             if self._fixed is False:
-                self._fixed = fixed_estimator(self.options.policy(), self.encoder_spec())
+                self._fixed = fixed_estimator(self._policy, self.encoder_spec())
             return self._fixed or None
 
     # ------------------------------------------------------------------------------------------- the end
@@ -216,10 +235,10 @@ class RunSession:
         Raises ValueError with a one-line message on user errors (too few samples, mismatches, ...)."""
         with self._lock:
             judge = None
-            config = self.options.judge_config()
-            if config is not None:  # the judge step (win rates) over every task's records
+            settings = judge_config(self.config)
+            if settings is not None:  # the judge step (win rates) over every task's records
                 records = {t: self._samples[t] for t in self.tasks()}
-                judge = JudgeRun.from_records(Judge(config), records, progress=self.options.progress)
+                judge = JudgeRun.from_records(Judge(settings), records, progress=self.config.progress)
             return self._analyze(self.tasks(), self.fixed_estimator(), metadata, judge=judge)
 
     def _analyze(
@@ -232,12 +251,12 @@ class RunSession:
         run = analyze_run(
             self.samples([t for t in tasks if t not in self._embeddings]),
             embedder=self.embedder(),
-            policy=self.options.policy(),
-            settings=self.options.settings(),
+            policy=self._policy,
+            settings=self._settings,
             metadata=metadata,
             embeddings={t: self._embeddings[t] for t in tasks if t in self._embeddings},
             estimator=estimator,
-            id_task=self.options.id_task,
+            id_task=self.config.id_task,
             judge=judge,
         )
         self._embeddings.update(run.embeddings)
@@ -276,8 +295,35 @@ _CURRENT: RunSession | None = None
 _CURRENT_LOCK = threading.Lock()
 
 
+def _config_from_env() -> EMIConfig:
+    """The config the planning process exported (:func:`export`), else the environment's options."""
+    raw = os.environ.get(RUN_CONFIG_VAR)
+    if raw:
+        return EMIConfig.from_sources(environ={"LMMS_EMI_OPTIONS": raw})
+    return EMIConfig.from_sources()
+
+
+def export(config: EMIConfig) -> None:
+    """Hand ``config`` to every process of the run (through the environment they inherit)."""
+    os.environ[RUN_CONFIG_VAR] = config.to_json()
+
+
+@contextlib.contextmanager
+def exported(config: EMIConfig) -> Iterator[None]:
+    """:func:`export` for the duration of a run in this process; the environment is restored after."""
+    before = os.environ.get(RUN_CONFIG_VAR)
+    export(config)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RUN_CONFIG_VAR, None)
+        else:
+            os.environ[RUN_CONFIG_VAR] = before
+
+
 def current() -> RunSession:
-    """This process's run session (made from ``$LMMS_EMI_OPTIONS`` on first use)."""
+    """This process's run session (made from the exported config on first use)."""
     global _CURRENT
     with _CURRENT_LOCK:
         if _CURRENT is None:
@@ -285,9 +331,10 @@ def current() -> RunSession:
         return _CURRENT
 
 
-def reset(options: EMIOptions | None = None) -> RunSession:
-    """Start a new run session (a new run in the same process); ``options`` replaces the environment's."""
+def reset(config: EMIConfig | None = None, ready: Ready | None = None) -> RunSession:
+    """Start a new run session (a new run in the same process) with ``config`` (default: the exported one)
+    and what its preflight built."""
     global _CURRENT
     with _CURRENT_LOCK:
-        _CURRENT = RunSession(options)
+        _CURRENT = RunSession(config, ready)
         return _CURRENT

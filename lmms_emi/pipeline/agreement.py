@@ -35,6 +35,7 @@ from scipy import stats
 from lmms_emi import scenarios as sc
 from lmms_emi.emi import TaskEmbeddings, query_embedding
 from lmms_emi.estimators.club import CLUB
+from lmms_emi.estimators.club_form import club_sample_contributions
 from lmms_emi.judge import Judge, JudgeItem, Judgment, relative_score, win_rate
 from lmms_emi.pipeline.shift import correlate, json_ready
 
@@ -249,16 +250,10 @@ def sample_contributions(club: CLUB, emb: TaskEmbeddings) -> np.ndarray:
     if emb.z_model is None or emb.z_ref is None:
         raise ValueError("per-sample EMI needs both responses and references")
     mu, logvar = club.conditional_params(query_embedding(emb.z_v, emb.z_t))
-    mu, a = mu.double(), (-logvar.double()).exp() / 2  # a = 1 / (2σ²)
-
-    def terms(z: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.normalize(z.double().to(mu.device), dim=1)
-        pos = -((y - mu) ** 2 * a).sum(dim=1)  # log q(y_i|x_i) without its constant
-        mean_y, mean_y2 = y.mean(dim=0), (y**2).mean(dim=0)  # 1/N Σ_j (y_j − μ_i)² = ȳ² − 2μ_i ȳ + μ_i²
-        neg = -((mean_y2 - 2 * mu * mean_y + mu**2) * a).sum(dim=1)
-        return pos - neg
-
-    return (terms(emb.z_model) - terms(emb.z_ref)).cpu().numpy()
+    targets = (emb.z_model, emb.z_ref)
+    normalised = [torch.nn.functional.normalize(z.double().to(mu.device), dim=1) for z in targets]
+    s_model, s_ref = club_sample_contributions(mu, logvar, normalised)
+    return (s_model - s_ref).cpu().numpy()
 
 
 def sample_agreement(contributions: Sequence[float], preferences: Sequence[float]) -> SampleAgreement | None:

@@ -1,7 +1,6 @@
 """The estimator policy of a run: a given checkpoint, a registered estimator (by name, or the one registered
-for the run's encoders), a shipped one that matches the encoders, or one fitted on the run's pooled
-(query, response) and (query, reference) pairs (the paper's protocol; by default with early stopping on a
-held-out split)."""
+for the run's encoders), or one fitted on the run's pooled (query, response) and (query, reference) pairs
+(the paper's protocol; by default with early stopping on a held-out split)."""
 
 from __future__ import annotations
 
@@ -13,28 +12,24 @@ from typing import Any
 import torch
 
 from lmms_emi import estimator_registry as registry
+from lmms_emi.config import EMIConfig, EstimatorChoice
 from lmms_emi.emi import TaskEmbeddings
-from lmms_emi.errors import CheckpointError, EncoderMismatchError, UsageError
-from lmms_emi.estimators.club import CLUB, PAPER_ENCODERS, encoder_mismatches
-from lmms_emi.paths import estimator_ckpt_dirs
+from lmms_emi.encoder_spec import spec_differences
+from lmms_emi.errors import EncoderMismatchError, UsageError
+from lmms_emi.estimators.club import CLUB
 
 __all__ = [
     "DEFAULT_PATIENCE",
-    "ESTIMATOR_SUFFIXES",
     "FITTED_CHECKPOINT_NAME",
     "EstimatorInfo",
     "EstimatorPolicy",
-    "entry_encoders",
-    "find_default_checkpoint",
     "fit_pooled_estimator",
     "pooled_pairs",
     "registered_for",
     "resolve_estimator",
 ]
 
-ESTIMATOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 FITTED_CHECKPOINT_NAME = "club_fitted.safetensors"
-FIT = "fit"
 DEFAULT_PATIENCE = 5  # held-out evaluations (every 100 steps) without improvement before a fit stops
 _FITTED_NOTE = (
     "estimator fitted on this run's pooled (query, response) and (query, reference) pairs: EMI values "
@@ -44,55 +39,49 @@ _FITTED_NOTE = (
 
 @dataclass(frozen=True)
 class EstimatorPolicy:
-    """How a run gets its CLUB estimator.
+    """How a run gets its CLUB estimator: the :class:`~lmms_emi.config.EstimatorChoice` (a string is parsed
+    into one) and, when one is fitted, ``steps`` / ``seed`` / ``patience`` (held-out evaluations without
+    improvement before the fit stops, :meth:`CLUB.fit <lmms_emi.estimators.club.CLUB.fit>`; None trains
+    exactly ``steps`` steps, the paper's recipe). ``progress`` also shows a download's progress."""
 
-    ``estimator``: a registered name (:mod:`lmms_emi.estimator_registry`, e.g. ``"paper-global"``); a
-    checkpoint path; ``"fit"`` to fit one on the run; None for a shipped checkpoint trained on the run's
-    encoders, else the registered estimator of these encoders, else fit one. ``steps`` / ``seed`` /
-    ``progress`` / ``patience`` apply when one is fitted: ``patience`` held-out evaluations without
-    improvement stop the fit (:meth:`CLUB.fit <lmms_emi.estimators.club.CLUB.fit>`), None trains exactly
-    ``steps`` steps (the paper's recipe). ``progress`` also shows a download's progress.
-    """
-
-    estimator: str | None = None
+    choice: EstimatorChoice = field(default_factory=EstimatorChoice)
     steps: int = 5000
     seed: int = 0
     progress: bool = True
     patience: int | None = DEFAULT_PATIENCE
 
     def __post_init__(self) -> None:
+        if not isinstance(self.choice, EstimatorChoice):
+            object.__setattr__(self, "choice", EstimatorChoice.parse(self.choice))
         if self.steps < 1:
             raise UsageError(f"the estimator needs at least 1 training step, got {self.steps}")
         if self.patience is not None and self.patience < 1:
             raise UsageError(f"the estimator's early-stopping patience must be >= 1, got {self.patience}")
-        value = self.estimator
-        if value in (None, FIT) or registry.is_registry_name(value) or Path(str(value)).is_file():
-            return
-        if not any(c in str(value) for c in "/\\."):
-            registry.registry_entry(str(value))  # a bare word: UsageError listing the registered names
 
-    @property
-    def registry_name(self) -> str | None:
-        """The registered estimator the policy names, if any."""
-        return self.estimator if registry.is_registry_name(self.estimator) else None
-
-    @property
-    def checkpoint(self) -> Path | None:
-        """The checkpoint path, when the policy names a file."""
-        if self.estimator in (None, FIT) or self.registry_name is not None:
-            return None
-        return Path(str(self.estimator))
+    @classmethod
+    def from_config(cls, config: EMIConfig) -> EstimatorPolicy:
+        """The policy of a run's configuration (``estimator_patience`` 0: no early stopping)."""
+        return cls(
+            config.estimator,
+            steps=config.estimator_steps,
+            seed=config.seed,
+            progress=config.progress,
+            patience=config.estimator_patience or None,
+        )
 
     def check(self, encoder_spec: Mapping[str, Any] | None) -> None:
-        """Fail early (before any embedding) when a named checkpoint is unusable or was trained on other
+        """Fail early (before any embedding) when the chosen estimator is unusable or was trained on other
         encoders than ``encoder_spec`` (None: the encoders are not known yet, only the file is checked). A
         registered estimator (named, or the default of ``encoder_spec``) is downloaded here if needed."""
         if encoder_spec is not None:
             fixed_estimator(self, encoder_spec)
-        elif self.registry_name is not None:
-            CLUB.from_checkpoint(registry.resolve(self.registry_name, progress=self.progress))
-        elif self.checkpoint is not None:
-            CLUB.from_checkpoint(self.checkpoint)
+        elif self.choice.kind == "registered":
+            CLUB.from_checkpoint(registry.resolve(str(self.choice.name), progress=self.progress))
+        elif self.choice.kind == "file":
+            path = self.choice.path
+            if path is None or not path.is_file():
+                raise UsageError(f"--estimator {self.choice}: no such file")
+            CLUB.from_checkpoint(path)
 
 
 @dataclass(frozen=True)
@@ -100,7 +89,7 @@ class EstimatorInfo:
     """Where the CLUB estimator came from and how far its values can be compared.
 
     ``source``: "checkpoint" (a path given), "registry" (a registered estimator: named, or the one registered
-    for the run's encoders), "default" (shipped in ``estimator_ckpt/``) or "fitted" (fitted on this run's
+    for the run's encoders) or "fitted" (fitted on this run's
     pooled pairs). ``comparability``: "global" — comparable with every run using the same checkpoint and
     encoders; "run" — comparable only within this run. ``name``: the registered name of the checkpoint file
     (also when given by path: matched by hash); ``sha256``: the checkpoint file's sha256 (for a fitted one,
@@ -119,22 +108,6 @@ class EstimatorInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def find_default_checkpoint(encoder_spec: Mapping[str, Any]) -> tuple[CLUB, Path] | None:
-    """The first shipped checkpoint whose manifest matches ``encoder_spec`` (files in name order, safetensors
-    first); (CLUB, path) or None."""
-    for folder in estimator_ckpt_dirs():
-        files = sorted(
-            (p for p in folder.iterdir() if p.is_file() and p.suffix in ESTIMATOR_SUFFIXES),
-            key=lambda p: (p.suffix != ".safetensors", p.name),
-        )
-        for path in files:
-            try:
-                return CLUB.from_checkpoint(path, encoders=dict(encoder_spec)), path
-            except CheckpointError:
-                continue  # another encoder pair, or not ours
-    return None
 
 
 def pooled_pairs(task_embeddings: Mapping[str, TaskEmbeddings]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,20 +144,11 @@ def fit_pooled_estimator(
     return club.fit(x, y, steps=steps, seed=seed, progress=progress, patience=patience)
 
 
-def entry_encoders(entry: registry.RegistryEntry) -> dict[str, Any]:
-    """The encoder spec a registered estimator was trained on (``"paper"``: :data:`PAPER_ENCODERS`)."""
-    if entry.encoders == "paper":
-        return dict(PAPER_ENCODERS)
-    if isinstance(entry.encoders, Mapping):
-        return dict(entry.encoders)
-    raise CheckpointError(f"registered estimator {entry.name!r} names unknown encoders {entry.encoders!r}")
-
-
 def registered_for(encoder_spec: Mapping[str, Any]) -> registry.RegistryEntry | None:
     """The first registered estimator trained on exactly ``encoder_spec``, if any."""
     spec = dict(encoder_spec)
     return next(
-        (e for e in registry.load_registry().values() if not encoder_mismatches(entry_encoders(e), spec)),
+        (e for e in registry.load_registry().values() if not spec_differences(e.encoder_spec(), spec)),
         None,
     )
 
@@ -193,7 +157,7 @@ def _registered(
     entry: registry.RegistryEntry, spec: dict[str, Any], *, progress: bool, default: bool
 ) -> tuple[CLUB, EstimatorInfo]:
     """Load the registered estimator ``entry`` (downloaded into the cache if needed) for ``spec``."""
-    problems = encoder_mismatches(entry_encoders(entry), spec)
+    problems = spec_differences(entry.encoder_spec(), spec, expected_label="checkpoint has")
     if problems:
         raise EncoderMismatchError(
             f"registered estimator {entry.name!r} was trained on other encoders: " + "; ".join(problems)
@@ -201,10 +165,10 @@ def _registered(
     path = registry.resolve(entry.name, progress=progress)
     club = CLUB.from_checkpoint(path)
     manifest = _manifest_dict(club)
-    if manifest is not None and encoder_mismatches(manifest["encoders"], spec):
+    if manifest is not None and spec_differences(manifest["encoders"], spec, expected_label="checkpoint has"):
         raise EncoderMismatchError(
             f"{path} (registered estimator {entry.name!r}) was trained on other encoders: "
-            + "; ".join(encoder_mismatches(manifest["encoders"], spec))
+            + "; ".join(spec_differences(manifest["encoders"], spec, expected_label="checkpoint has"))
         )
     why = "the registered estimator of these encoders" if default else "registered estimator"
     note = f"{why} {entry.name} ({entry.trained_on or entry.source})"
@@ -248,33 +212,23 @@ def resolve_estimator(
 def fixed_estimator(
     policy: EstimatorPolicy, encoder_spec: Mapping[str, Any]
 ) -> tuple[CLUB, EstimatorInfo] | None:
-    """The estimator when it needs no training (a named checkpoint or registered estimator, or by default a
-    shipped one for these encoders, else the registered one for these encoders, downloaded if needed),
-    loaded once; None when the policy fits one."""
+    """The estimator when it needs no training (a named checkpoint or registered estimator, or by default the
+    registered one for these encoders, downloaded if needed), loaded once; None when the policy fits one."""
     spec = dict(encoder_spec)
-    if policy.registry_name is not None:
-        entry = registry.registry_entry(policy.registry_name)
+    choice = policy.choice
+    if choice.kind == "registered":
+        entry = registry.registry_entry(str(choice.name))
         return _registered(entry, spec, progress=policy.progress, default=False)
-    if policy.checkpoint is not None:
-        club = CLUB.from_checkpoint(policy.checkpoint, encoders=spec)
+    if choice.path is not None:
+        club = CLUB.from_checkpoint(choice.path, encoders=spec)
         manifest = _manifest_dict(club)
         note = (
             "" if manifest else "plain state dict without manifest: assumed trained on the paper's encoders"
         )
-        name, digest = _file_identity(policy.checkpoint)
-        info = EstimatorInfo(
-            "checkpoint", str(policy.checkpoint), "global", spec, manifest, note, name, digest
-        )
+        name, digest = _file_identity(choice.path)
+        info = EstimatorInfo("checkpoint", str(choice.value), "global", spec, manifest, note, name, digest)
         return club, info
-    if policy.estimator is None:
-        found = find_default_checkpoint(spec)
-        if found is not None:
-            club, path = found
-            name, digest = _file_identity(path)
-            info = EstimatorInfo(
-                "default", str(path), "global", spec, _manifest_dict(club), "shipped estimator", name, digest
-            )
-            return club, info
+    if choice.kind == "default":
         entry = registered_for(spec)
         if entry is not None:
             return _registered(entry, spec, progress=policy.progress, default=True)

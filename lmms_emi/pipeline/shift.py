@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -32,6 +32,7 @@ from scipy import stats
 
 from lmms_emi import emi as emi_lib
 from lmms_emi import scenarios as sc
+from lmms_emi.config import EMIConfig
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.errors import UsageError
 from lmms_emi.estimators.club import CLUB
@@ -78,6 +79,11 @@ class AnalysisSettings:
             raise UsageError(f"the number of bootstrap resamples must be >= 0, got {self.n_resamples}")
         if not 0 < self.confidence_level < 1:
             raise UsageError(f"the confidence level must be in (0, 1), got {self.confidence_level}")
+
+    @classmethod
+    def from_config(cls, config: EMIConfig) -> AnalysisSettings:
+        """The analysis settings of a run's configuration."""
+        return cls(config.entropy_scale, config.bootstrap, config.confidence, config.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,6 +187,11 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def _bound_rows(results: Sequence[TaskResult], name: str) -> list[TaskResult]:
+    """The OOD tasks with an EMID and a value of the bound ``name``: the points of r(EMID, bound)."""
+    return [t for t in results if not t.is_id and t.emid is not None and getattr(t, name) is not None]
+
+
 @dataclass(frozen=True)
 class ShiftAnalysis:
     """EMI of every task, EMID and bounds of every OOD task against ``id_task``, and the correlations.
@@ -200,6 +211,17 @@ class ShiftAnalysis:
     def correlation(self) -> Correlation | None:
         """EMID vs the scale-adjusted bound: the paper's headline check."""
         return self.correlations.get("bound")
+
+    def correlation_over(self, name: str, tasks: Collection[str]) -> Correlation | None:
+        """EMID vs the bound ``name`` over the OOD tasks among ``tasks`` (a group's subtasks): the stored
+        correlation when they are all of them, else the same statistic over the subset."""
+        rows = _bound_rows(self.tasks, name)
+        chosen = [t for t in rows if t.task in tasks]
+        if len(chosen) == len(rows):
+            return self.correlations.get(name)
+        return correlate(
+            [t.emid for t in chosen], [getattr(t, name) for t in chosen], [t.task for t in chosen]
+        )
 
     def task(self, name: str) -> TaskResult:
         for t in self.tasks:
@@ -432,7 +454,7 @@ def analyze_shift(
     correlations: dict[str, Correlation | None] = {}
     names = ["bound", "partial_bound"] + (["bound_theorem"] if entropy_scale is not None else [])
     for name in names:
-        rows = [t for t in results if not t.is_id and t.emid is not None and getattr(t, name) is not None]
+        rows = _bound_rows(results, name)
         correlations[name] = correlate(
             [t.emid for t in rows], [getattr(t, name) for t in rows], [t.task for t in rows]
         )

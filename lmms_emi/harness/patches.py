@@ -1,0 +1,124 @@
+"""The two class-level patches of lmms-eval that a run inside it needs, and the run they serve.
+
+:func:`activate` makes a run this process's (:func:`active`) and installs, once per process, wrappers of
+``TaskManager.__init__`` (the run's task folder appended to ``include_path``; built-in and
+``--include_path`` names win) and ``EvaluationTracker.save_results_aggregated`` (a results-file name no other
+run uses, then the run finished with the very file lmms-eval wrote). Without an active run both wrappers
+call the original only.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import Any
+
+from lmms_emi._io import reserve_file
+
+__all__ = ["PATCH_MARK", "RESULTS_SUFFIX", "activate", "active", "install_patches"]
+
+_ACTIVE: Any = None  # the active lmms_emi.harness.launch.EvalRun
+PATCH_MARK = "__lmms_emi_patch__"
+
+
+def active() -> Any:
+    """The run this process is in, when one was prepared."""
+    return _ACTIVE
+
+
+def activate(prep: Any) -> None:
+    """Make ``prep`` this process's run (None: none) and install the patches it needs."""
+    global _ACTIVE
+    if prep is not None:
+        install_patches()
+    _ACTIVE = prep
+
+
+def install_patches() -> None:
+    """Wrap, once per process (idempotent), two lmms-eval class attributes; both do nothing without an
+    active run: ``TaskManager.__init__`` appends the run's task folder to ``include_path`` (after the
+    built-in tasks and the user's ``--include_path``, so their names win) and registers ``--metrics emi``
+    tasks; ``EvaluationTracker.save_results_aggregated`` finishes the run (``EvalRun.finish``) with the very
+    results file it just wrote."""
+    from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
+    from lmms_eval.tasks import TaskManager
+
+    _wrap(TaskManager, "__init__", _task_manager_init)
+    _wrap(EvaluationTracker, "save_results_aggregated", _save_results_aggregated)
+
+
+def _wrap(cls: type, name: str, make: Any) -> None:
+    original = getattr(cls, name)
+    if getattr(original, PATCH_MARK, False):
+        return
+    wrapper = functools.wraps(original)(make(original, inspect.signature(original)))
+    setattr(wrapper, PATCH_MARK, True)
+    setattr(cls, name, wrapper)
+
+
+def _task_manager_init(original: Any, signature: inspect.Signature) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        prep = _ACTIVE
+        if prep is None:
+            original(self, *args, **kwargs)
+            return
+        bound = signature.bind(self, *args, **kwargs)
+        given = bound.arguments.get("include_path")
+        paths = [given] if isinstance(given, str) else list(given or [])
+        bound.arguments["include_path"] = paths + [p for p in prep.include_paths if p not in paths]
+        if not prep.config.builtin_tasks:
+            bound.arguments["include_defaults"] = False
+        original(*bound.args, **bound.kwargs)
+        prep.task_manager_built(self)
+
+    return __init__
+
+
+def _save_results_aggregated(original: Any, signature: inspect.Signature) -> Any:
+    def save_results_aggregated(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prep = _ACTIVE
+        if prep is None:
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        claimed = _claim_results_file(self, bound.arguments.get("datetime_str"))
+        if claimed is not None:
+            bound.arguments["datetime_str"] = claimed.name[: -len(RESULTS_SUFFIX)]
+        try:
+            out = original(*bound.args, **bound.kwargs)
+        except BaseException:
+            if claimed is not None and claimed.stat().st_size == 0:
+                claimed.unlink(missing_ok=True)  # our empty claim, never written
+            raise
+        prep.finish(bound.arguments["results"], _written_results_file(self))
+        return out
+
+    return save_results_aggregated
+
+
+RESULTS_SUFFIX = "_results.json"  # lmms-eval's <date id>_results.json
+
+
+def _claim_results_file(tracker: Any, datetime_str: str | None) -> Path | None:
+    """Claim a results-file name no other run uses (lmms-eval's date id has one-second resolution, so two
+    runs sharing an output folder can get the same one): ``<date id>_results.json``, else ``<date id>-2``,
+    ... created empty and exclusively; lmms-eval then writes into it, and its sample logs share the id."""
+    if not tracker.output_path or not datetime_str:
+        return None
+    folder = Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
+    base = datetime_str.replace(":", "-")
+    for attempt in range(1, 1000):
+        path = folder / f"{base if attempt == 1 else f'{base}-{attempt}'}{RESULTS_SUFFIX}"
+        if reserve_file(path):
+            return path
+    return None
+
+
+def _written_results_file(tracker: Any) -> Path | None:
+    """The results JSON ``tracker`` has just written (``<output_path>/<model>/<date id>_results.json``)."""
+    date_id = getattr(tracker, "date_id", None)
+    if not tracker.output_path or not date_id:
+        return None
+    folder = Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
+    path = folder / f"{date_id}{RESULTS_SUFFIX}"
+    return path if path.is_file() else None
