@@ -11,7 +11,8 @@ The estimator choice is a small tagged type, :class:`EstimatorChoice`: the defau
 the run, a registered name, or a checkpoint file.
 
 This module imports nothing heavy (no torch): every entry point builds its config before deciding what to
-load.
+load. It is over 400 lines because most of it is the table of options itself (each field with its flag,
+help and group): the table is kept whole on purpose, as the one home of every option.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -35,9 +36,9 @@ __all__ = [
     "OPTIONS_VAR",
     "EMIConfig",
     "EstimatorChoice",
-    "add_config_options",
     "environment_variables",
     "option_variable",
+    "value_kind",
 ]
 
 OPTIONS_VAR = "LMMS_EMI_OPTIONS"
@@ -184,6 +185,14 @@ class EMIConfig:
         "a fitted CLUB stops after this many held-out evaluations (every 100 steps) without improvement; "
         "0: exactly --estimator-steps steps, the paper's recipe",
         group="estimator",
+    )
+    estimator_fit: str = _opt(
+        "fast",
+        "--estimator-fit",
+        "how a CLUB is fitted: 'fast' (closed-form linear-Gaussian start, then a short full-batch "
+        "refinement) or 'paper' (Adam, batch 1,024, up to --estimator-steps steps)",
+        group="estimator",
+        choices=("fast", "paper"),
     )
     seed: int = _opt(
         0, "--emi-seed", "seed of the estimator fit and the bootstrap", group="estimator", old=("--seed",)
@@ -351,7 +360,7 @@ def _cache_setting(value: str | None) -> str | bool | None:
     return False if value.strip().lower() in _OFF else value
 
 
-def _base_type(f: Any) -> str:
+def value_kind(f: Any) -> str:
     """The field's value type by its annotation: 'str', 'int', 'float', 'bool', 'tuple' or 'estimator'."""
     annotation = str(f.type)
     for name in ("EstimatorChoice", "bool", "int", "float", "tuple"):
@@ -363,7 +372,7 @@ def _base_type(f: Any) -> str:
 def _coerce(f: Any, value: Any, where: str) -> Any:
     """``value`` as the field's type (strings from the environment are parsed); UsageError naming
     ``where`` when it cannot be."""
-    kind = _base_type(f)
+    kind = value_kind(f)
     optional = "None" in str(f.type)
     if value is None:
         if optional:
@@ -464,89 +473,3 @@ def _from_variables(env: Mapping[str, str]) -> dict[str, Any]:
         if raw is not None:
             out[f.name] = _coerce(f, raw, f"${var}={raw!r}")
     return out
-
-
-# ------------------------------------------------------------------------------------------- flags
-class _Deprecated(argparse.Action):
-    """An old flag spelling: stores into the option's dest and warns once."""
-
-    def __init__(
-        self, option_strings: list[str], dest: str, *, new: str, store_const: Any = None, **kwargs: Any
-    ) -> None:
-        self.new = new
-        self.store_const = store_const
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-        environment.warn_deprecated(str(option_string), self.new)
-        setattr(namespace, self.dest, self.store_const if self.nargs == 0 else values)
-
-
-def _argparse_type(f: Any) -> Callable[[str], Any] | None:
-    return {"int": int, "float": float}.get(_base_type(f))
-
-
-def add_config_options(
-    parser: argparse.ArgumentParser,
-    groups: Iterable[str],
-    *,
-    old_flags: bool = True,
-    skip: Iterable[str] = (),
-) -> None:
-    """Add the flags of the config fields in ``groups`` (each flag also takes its underscore spelling;
-    ``old_flags``: also the 0.1 spellings, hidden and deprecated — not in ``eval``, where lmms-eval owns
-    ``--device``, ``--batch_size`` and ``--seed``). Every default is None: a flag not given leaves the value
-    of the lower sources (:meth:`EMIConfig.from_sources`)."""
-    skip = set(skip)
-    by_group: dict[str, list[Any]] = {}
-    for f in fields(EMIConfig):
-        if f.name not in skip:
-            by_group.setdefault(f.metadata["group"], []).append(f)
-    for group in groups:
-        g = parser.add_argument_group(group)
-        for f in by_group.get(group, []):
-            _add_flag(g, f, old_flags=old_flags)
-
-
-def _add_flag(g: Any, f: Any, *, old_flags: bool) -> None:
-    """The flag of field ``f``, plus its hidden spellings: the underscore one (lmms-eval's style) and, with
-    ``old_flags``, the deprecated ones (those with the ``--emi-`` prefix always: lmms-eval has none)."""
-    meta, kind = f.metadata, _base_type(f)
-    flag = meta["flag"]
-    help_text = meta["help"]
-    if f.default not in (None, (), True, False) and "default" not in help_text:
-        help_text += f" (default {f.default})"
-    if f.name == "progress":
-        g.add_argument(
-            "-q", "--quiet", dest="progress", action="store_const", const=False, default=None, help=help_text
-        )
-        return
-    kwargs: dict[str, Any] = {"dest": f.name, "default": None}
-    if kind == "bool":
-        kwargs.update(action="store_const", const=f.name != "builtin_tasks")  # --no-builtin-tasks: off
-    elif kind == "tuple":
-        kwargs["action"] = "append"
-    elif _argparse_type(f) is not None:
-        kwargs["type"] = _argparse_type(f)
-    if meta["choices"]:
-        kwargs["choices"] = meta["choices"]
-    if kind != "bool":
-        kwargs["metavar"] = meta["metavar"] or (None if meta["choices"] else f.name.upper())
-    g.add_argument(flag, help=help_text, **kwargs)
-    underscore = "--" + flag[2:].replace("-", "_")
-    if underscore != flag:
-        g.add_argument(underscore, help=argparse.SUPPRESS, **kwargs)
-    kwargs.pop("metavar", None)
-    for old in meta["old"]:
-        if old_flags or old.startswith("--emi-"):
-            g.add_argument(
-                old,
-                dest=f.name,
-                action=_Deprecated,
-                new=flag,
-                default=None,
-                nargs=0 if kind == "bool" else None,
-                store_const=kwargs.get("const"),
-                type=kwargs.get("type"),
-                help=argparse.SUPPRESS,
-            )

@@ -22,6 +22,10 @@ with no dataset hub. It imitates the *shape* of the real benchmarks, not their c
 Everything is deterministic for a given ``seed``. ``question_id`` is a stable int per (image, question),
 identical across the scenarios of one visual source (COCO-like or in-the-wild), exactly as in the reference
 response files.
+
+Over 400 lines: it hand-writes look-alikes of the paper's image and text shifts; issue 18 (``make-shifts``
+with the paper's real transforms, ``imagecorruptions`` and ``nlpaug``) replaces them, and this module with
+them.
 """
 
 from __future__ import annotations

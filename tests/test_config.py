@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from lmms_emi import environment
+from lmms_emi.cli._options import add_config_options
 from lmms_emi.config import (
     OPTIONS_VAR,
     EMIConfig,
     EstimatorChoice,
-    add_config_options,
     environment_variables,
     option_variable,
 )

@@ -30,8 +30,8 @@ from lmms_emi.embed import Embedder, EncoderLoadError, profile_spec
 from lmms_emi.embed.encoders import (
     BACKENDS,
     Encoder,
+    EncoderBatch,
     EncoderInfo,
-    Prepared,
     canonical_name,
     load_encoder,
     recognise,
@@ -293,8 +293,8 @@ class _Constant(Encoder):
         self.name, self.feature, self.layer, self.dim = name or "constant", "ones", -1, 32
         self.fingerprint = source or "v1"
 
-    def prepare(self, items: Any) -> Prepared:
-        return Prepared({"x": torch.ones(len(items), 32)})
+    def prepare(self, items: Any) -> EncoderBatch:
+        return EncoderBatch({"x": torch.ones(len(items), 32)})
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return inputs["x"]

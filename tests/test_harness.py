@@ -153,14 +153,14 @@ def test_group_functions() -> None:
 
 # ------------------------------------------------------------------------------------------- planning
 def test_plan_adds_id_task_for_subgroups_only() -> None:
-    plan = launch.plan_tasks("llavabench_shift_natural_visual")
+    plan = launch.select_tasks("llavabench_shift_natural_visual")
     assert plan.tasks == ["llavabench_shift_natural_visual", "lbshift_nat_llava_bench_coco_English"]
     assert plan.added == ["lbshift_nat_llava_bench_coco_English"]
     assert len(plan.leaves) == 4
-    assert launch.plan_tasks("llavabench_shift_synthetic").added == []
-    plan = launch.plan_tasks("lbshift_syn_llava_bench_coco,lbshift_syn_llava_bench_coco_frost_1,mme")
+    assert launch.select_tasks("llavabench_shift_synthetic").added == []
+    plan = launch.select_tasks("lbshift_syn_llava_bench_coco,lbshift_syn_llava_bench_coco_frost_1,mme")
     assert plan.added == [] and plan.foreign == ["mme"]
-    wild = launch.plan_tasks("lbshift_syn_llava_bench_coco_frost_5*")
+    wild = launch.select_tasks("lbshift_syn_llava_bench_coco_frost_5*")
     assert set(wild.tasks) == {
         "lbshift_syn_llava_bench_coco_frost_5",
         "lbshift_syn_llava_bench_coco_frost_5_sr_4",
@@ -173,7 +173,7 @@ def test_plan_adds_id_task_for_subgroups_only() -> None:
 
 def test_plan_unknown_plugin_task_suggests() -> None:
     with pytest.raises(UsageError, match="did you mean lbshift_syn_llava_bench_coco_frost_3"):
-        launch.plan_tasks("lbshift_syn_llava_bench_coco_frost3")
+        launch.select_tasks("lbshift_syn_llava_bench_coco_frost3")
 
 
 def test_set_arg() -> None:
@@ -269,7 +269,7 @@ def test_override_dir_loads_local_copy(tmp_path: Path, form: str) -> None:
     (sample,) = session.current().samples()["lbshift_syn_llava_bench_coco_sr_4"]
     assert sample.doc_id == 2 and sample.image["bytes"] is not None  # the image read back from the split
     with pytest.raises(UsageError, match="split llava_bench_coco_frost_1 is not in the local copy"):
-        launch.check_local_splits(launch.plan_tasks("lbshift_syn_llava_bench_coco_frost_1"), data)
+        launch.check_local_splits(launch.select_tasks("lbshift_syn_llava_bench_coco_frost_1"), data)
 
 
 # ------------------------------------------------------------------------------------------- replay model

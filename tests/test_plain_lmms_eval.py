@@ -134,7 +134,6 @@ def guard() -> dict:
     return json.loads(line[len("RESULT") :])
 
 
-@pytest.mark.slow  # these hook tests share the guard subprocess: lmms-eval's imports (~15-50 s)
 def test_hook_idle_on_other_tasks_is_cheap(guard: dict) -> None:
     """A command naming no lmms-emi task: nothing patched, nothing heavy imported, well under a second."""
     assert guard["idle"]["status"] == ["idle", "again"] and guard["idle"]["patched"] == [False, False]
@@ -143,14 +142,12 @@ def test_hook_idle_on_other_tasks_is_cheap(guard: dict) -> None:
     assert guard["idle"]["stderr"] == []
 
 
-@pytest.mark.slow
 def test_hook_off_by_environment(guard: dict) -> None:
     got = guard["off"]
     assert got["status"] == ["off", "again"] and got["patched"] == [False, False]
     assert "--metrics" in got["argv"] and got["stderr"] == []
 
 
-@pytest.mark.slow
 def test_hook_untested_lmms_eval_version_warns_once_and_patches_nothing(guard: dict) -> None:
     got = guard["untested"]
     assert got["status"] == ["untested", "again"] and got["patched"] == [False, False]
@@ -158,7 +155,6 @@ def test_hook_untested_lmms_eval_version_warns_once_and_patches_nothing(guard: d
     assert "lmms-emi eval" in got["stderr"][0] and "--metrics" in got["argv"]
 
 
-@pytest.mark.slow
 def test_hook_user_error_is_one_line(guard: dict) -> None:
     got = guard["error"]
     assert got["status"] == ["exit", 2] and got["patched"] == [False, False]
@@ -166,7 +162,6 @@ def test_hook_user_error_is_one_line(guard: dict) -> None:
     assert got["stderr"][0].startswith("lmms-emi: error: unknown task 'lbshift_nat_nope'")
 
 
-@pytest.mark.slow
 def test_hook_plans_the_run_and_patches_once(guard: dict) -> None:
     """Active: argv planned as by ``lmms-emi eval``; installing twice (and the patches twice) wraps each
     lmms-eval method once."""

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import fields
+from typing import Any
 
-from lmms_emi.config import EMIConfig, add_config_options
+from lmms_emi.config import EMIConfig, value_kind
 from lmms_emi.environment import warn_deprecated
 from lmms_emi.errors import UsageError
 
-__all__ = ["add_emi_options", "add_output_options", "config_from", "export_judge_key"]
+__all__ = ["add_config_options", "add_emi_options", "add_output_options", "config_from", "export_judge_key"]
 
 JUDGE_KEY_VAR = "LMMS_EMI_JUDGE_API_KEY"
 
@@ -64,3 +66,88 @@ def export_judge_key(ns: argparse.Namespace) -> None:
     """``--judge-api-key`` into the environment (the judge client and the run's processes read it there)."""
     if getattr(ns, "judge_api_key", None):
         os.environ[JUDGE_KEY_VAR] = ns.judge_api_key
+
+
+class _Deprecated(argparse.Action):
+    """An old flag spelling: stores into the option's dest and warns once."""
+
+    def __init__(
+        self, option_strings: list[str], dest: str, *, new: str, store_const: Any = None, **kwargs: Any
+    ) -> None:
+        self.new = new
+        self.store_const = store_const
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        warn_deprecated(str(option_string), self.new)
+        setattr(namespace, self.dest, self.store_const if self.nargs == 0 else values)
+
+
+def _argparse_type(f: Any) -> Callable[[str], Any] | None:
+    return {"int": int, "float": float}.get(value_kind(f))
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    groups: Iterable[str],
+    *,
+    old_flags: bool = True,
+    skip: Iterable[str] = (),
+) -> None:
+    """Add the flags of the config fields in ``groups`` (each flag also takes its underscore spelling;
+    ``old_flags``: also the 0.1 spellings, hidden and deprecated — not in ``eval``, where lmms-eval owns
+    ``--device``, ``--batch_size`` and ``--seed``). Every default is None: a flag not given leaves the value
+    of the lower sources (:meth:`EMIConfig.from_sources`)."""
+    skip = set(skip)
+    by_group: dict[str, list[Any]] = {}
+    for f in fields(EMIConfig):
+        if f.name not in skip:
+            by_group.setdefault(f.metadata["group"], []).append(f)
+    for group in groups:
+        g = parser.add_argument_group(group)
+        for f in by_group.get(group, []):
+            _add_flag(g, f, old_flags=old_flags)
+
+
+def _add_flag(g: Any, f: Any, *, old_flags: bool) -> None:
+    """The flag of field ``f``, plus its hidden spellings: the underscore one (lmms-eval's style) and, with
+    ``old_flags``, the deprecated ones (those with the ``--emi-`` prefix always: lmms-eval has none)."""
+    meta, kind = f.metadata, value_kind(f)
+    flag = meta["flag"]
+    help_text = meta["help"]
+    if f.default not in (None, (), True, False) and "default" not in help_text:
+        help_text += f" (default {f.default})"
+    if f.name == "progress":
+        g.add_argument(
+            "-q", "--quiet", dest="progress", action="store_const", const=False, default=None, help=help_text
+        )
+        return
+    kwargs: dict[str, Any] = {"dest": f.name, "default": None}
+    if kind == "bool":
+        kwargs.update(action="store_const", const=f.name != "builtin_tasks")  # --no-builtin-tasks: off
+    elif kind == "tuple":
+        kwargs["action"] = "append"
+    elif _argparse_type(f) is not None:
+        kwargs["type"] = _argparse_type(f)
+    if meta["choices"]:
+        kwargs["choices"] = meta["choices"]
+    if kind != "bool":
+        kwargs["metavar"] = meta["metavar"] or (None if meta["choices"] else f.name.upper())
+    g.add_argument(flag, help=help_text, **kwargs)
+    underscore = "--" + flag[2:].replace("-", "_")
+    if underscore != flag:
+        g.add_argument(underscore, help=argparse.SUPPRESS, **kwargs)
+    kwargs.pop("metavar", None)
+    for old in meta["old"]:
+        if old_flags or old.startswith("--emi-"):
+            g.add_argument(
+                old,
+                dest=f.name,
+                action=_Deprecated,
+                new=flag,
+                default=None,
+                nargs=0 if kind == "bool" else None,
+                store_const=kwargs.get("const"),
+                type=kwargs.get("type"),
+                help=argparse.SUPPRESS,
+            )

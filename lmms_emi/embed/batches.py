@@ -17,13 +17,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .encoders import Encoder, Prepared
+from .encoders import Encoder, EncoderBatch
 from .stats import ModalityStats
 
 
 def forward_batch(
     enc: Encoder,
-    prepared: Prepared,
+    prepared: EncoderBatch,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     projection: torch.Tensor | None,
@@ -69,7 +69,7 @@ def encode_batches(
         order.sort(key=lambda i: -len(payloads[i]))
     batches = [order[i : i + batch_size] for i in range(0, m, batch_size)]
 
-    def prep(batch: list[int]) -> Prepared:
+    def prep(batch: list[int]) -> EncoderBatch:
         items = [payloads[i] for i in batch]
         if modality == "image":
             items = [it.load_rgb() for it in items]  # ImageItem -> RGB PIL (decode off the main thread)
@@ -82,10 +82,12 @@ def encode_batches(
         total=m, desc=f"embedding {modality}s [{enc.name}]", unit=modality, leave=False, disable=not progress
     )
     pool = ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
-    submit: Callable[[list[int]], Future[Prepared] | Prepared]
+    submit: Callable[[list[int]], Future[EncoderBatch] | EncoderBatch]
     submit = (lambda b: pool.submit(prep, b)) if pool else prep
     try:
-        pending: deque[Future[Prepared] | Prepared] = deque(submit(b) for b in batches[: num_workers + 1])
+        pending: deque[Future[EncoderBatch] | EncoderBatch] = deque(
+            submit(b) for b in batches[: num_workers + 1]
+        )
         nxt = len(pending)
         for batch in batches:
             head = pending.popleft()

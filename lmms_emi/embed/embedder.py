@@ -16,6 +16,10 @@ are collapsed, and results live in a content-addressed disk cache shared by all 
 Encoders are loaded lazily: what each encoder is (name, feature, layer, dimension, cache identity) is
 read from its configuration when the Embedder is built, and its weights are loaded only when an item
 misses the cache.  A run whose embeddings are all cached loads no model and decodes no image.
+
+Over 400 lines: the :class:`Embedder` class alone is about 390 (lazy loading, cache look-ups, batching
+and projection in one object's state); its helpers live in ``profiles``, ``batches``, ``projection``,
+``stats`` and ``cache``.
 """
 
 from __future__ import annotations

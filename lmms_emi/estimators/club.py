@@ -38,7 +38,10 @@ from lmms_emi.estimators.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from lmms_emi.estimators.club_fit import fast_fit
 from lmms_emi.estimators.club_form import club_mutual_information
+
+FIT_METHODS = ("fast", "paper")
 
 __all__ = [
     "CLUB",
@@ -196,6 +199,7 @@ class CLUB(nn.Module):
         x: torch.Tensor,
         y: torch.Tensor,
         *,
+        method: str = "paper",
         steps: int = 5000,
         batch_size: int = 1024,
         lr: float = 1e-3,
@@ -207,7 +211,10 @@ class CLUB(nn.Module):
         min_improvement: float = 1e-3,
         progress: bool = True,
     ) -> CLUB:
-        """Fit q(y|x) by maximising the Gaussian log-likelihood with AdamW on random mini-batches.
+        """Fit q(y|x) by maximising the Gaussian log-likelihood: ``method="paper"`` with AdamW on random
+        mini-batches (below), ``"fast"`` from a closed-form linear-Gaussian start refined by a few full-batch
+        steps (:mod:`~lmms_emi.estimators.club_fit`; it uses ``seed``, ``steps`` as a cap, ``patience``,
+        ``validation_fraction`` and ``min_improvement``, and always holds out a split).
 
         Deterministic for a seed: parameters are re-initialised from ``seed`` (unless ``warm_start``), and the
         held-out split and the batches are drawn from a generator seeded by it.
@@ -222,6 +229,8 @@ class CLUB(nn.Module):
         log-likelihood.
         """
         x, y = self._check_pairs(x, y)
+        if method not in FIT_METHODS or (method == "fast" and warm_start):
+            raise ValueError(f"method must be one of {FIT_METHODS} (fast: no warm_start), got {method!r}")
         if steps < 1 or batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
         if patience is not None and (patience < 1 or check_every < 1 or not 0 < validation_fraction < 1):
@@ -229,7 +238,10 @@ class CLUB(nn.Module):
                 f"early stopping needs patience >= 1, check_every >= 1 and 0 < validation_fraction < 1, got "
                 f"{patience}, {check_every} and {validation_fraction}"
             )
+        if method == "fast":
+            return self._fit_fast(x, y, steps, seed, patience, validation_fraction, min_improvement)
         hyper: dict[str, Any] = {
+            "method": method,
             "steps": steps,
             "batch_size": batch_size,
             "lr": lr,
@@ -295,16 +307,32 @@ class CLUB(nn.Module):
                 "best_step": best_step,
                 "best_heldout_log_likelihood": best_ll,
             }
+        info = FitInfo(steps_run, last_window, stopped_early, fingerprint(full_x, full_y), hyper)
+        return self._fitted_with(info)
+
+    def _fit_fast(self, x, y, steps, seed, patience, validation_fraction, min_improvement) -> CLUB:
+        self.reset_parameters(seed)  # the seeded default init of the weights the closed form does not set
+        gen = torch.Generator().manual_seed(seed)
+        fit = fast_fit(
+            self,
+            x,
+            y,
+            gen=gen,
+            steps=steps,
+            patience=patience,
+            validation_fraction=validation_fraction,
+            min_improvement=min_improvement,
+        )
+        hyper = {"method": "fast", "steps": steps, "seed": seed, "fast_fit": fit.hyperparameters}
+        return self._fitted_with(
+            FitInfo(fit.steps_run, fit.final_loss, fit.stopped_early, fingerprint(x, y), hyper)
+        )
+
+    def _fitted_with(self, info: FitInfo) -> CLUB:
         self.eval()
         self._fitted = True
         self.manifest_ = None  # new weights: no saved manifest describes them until save()
-        self.fit_info_ = FitInfo(
-            steps_run=steps_run,
-            final_loss=last_window,
-            stopped_early=stopped_early,
-            data_fingerprint=fingerprint(full_x, full_y),
-            hyperparameters=hyper,
-        )
+        self.fit_info_ = info
         return self
 
     # -- checkpoints -------------------------------------------------------------------------------

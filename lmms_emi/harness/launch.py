@@ -2,11 +2,11 @@
 ``lmms-eval`` (:mod:`lmms_emi.harness.hook`). Both go through the same three steps:
 
 1. :func:`prepare_run` plans the run: the one preflight (:mod:`lmms_emi.pipeline.preflight`: outputs,
-   estimator, judge, encoders) before any generation; resolves ``--tasks`` (:mod:`.plan`: a run of shifted
-   tasks gets its benchmark's ID task added, EMID needs it; ``--metrics emi`` attaches the EMI metric to
-   other lmms-eval tasks through a run task folder); picks the task folder (the plugin's, or with ``--data``
-   a copy whose ``_dataset.yaml`` points at the local copy); exports the run's config for the run session
-   of every process;
+   estimator, judge, encoders) before any generation; resolves ``--tasks`` (:mod:`.selection`: a run of
+   shifted tasks gets its benchmark's ID task added, EMID needs it; ``--metrics emi`` attaches the EMI
+   metric to other lmms-eval tasks through a run task folder); picks the task folder (the plugin's, or with
+   ``--data`` a copy whose ``_dataset.yaml`` points at the local copy); exports the run's config for the
+   run session of every process;
 2. :func:`activate` installs two class-level patches of lmms-eval (:mod:`.patches`, idempotent, inert
    without an active run): every ``TaskManager`` gets the task folder appended to its ``include_path``
    (built-in and ``--include_path`` task names win), and the run's TaskManager registers the
@@ -39,9 +39,9 @@ from lmms_emi.harness import argv, foreign, overrides, session
 from lmms_emi.harness.describe import describe_error
 from lmms_emi.harness.make_tasks import LIST_COMMANDS
 from lmms_emi.harness.patches import RESULTS_SUFFIX, activate, active, install_patches
-from lmms_emi.harness.plan import TaskPlan, check_local_splits, plan_tasks
 from lmms_emi.harness.replay import REPLAY_MODEL, model_manifests
 from lmms_emi.harness.results import rewrite_results_file, update_results
+from lmms_emi.harness.selection import TaskSelection, check_local_splits, select_tasks
 from lmms_emi.paths import tasks_dir
 from lmms_emi.pipeline.preflight import check_outputs, preflight
 from lmms_emi.pipeline.run import plan_run
@@ -53,14 +53,14 @@ __all__ = [
     "DEFAULT_OUTPUT",
     "LIST_COMMANDS",
     "EvalRun",
-    "TaskPlan",
+    "TaskSelection",
     "activate",
     "active",
     "describe_error",
     "install_patches",
-    "plan_tasks",
     "prepare_run",
     "run_eval",
+    "select_tasks",
 ]
 
 DEFAULT_OUTPUT = "emi_results"
@@ -77,7 +77,7 @@ class EvalRun:
     config: EMIConfig
     lmms_args: list[str]  # lmms-eval's arguments after planning (tasks, output path)
     include_paths: list[str]  # the plugin's task folder (or its --data copy): appended to every TaskManager
-    plan: TaskPlan | None
+    plan: TaskSelection | None
     raise_errors: bool = True  # the launcher reports errors itself; plain lmms-eval: one line, then exit
     model: str | None = None
     model_args: str | None = None
@@ -183,7 +183,7 @@ def prepare_run(
     plan = None
     notes: list[str] = []  # said once the preflight passed
     if peek.tasks and peek.tasks not in LIST_COMMANDS and not os.path.exists(peek.tasks):
-        plan = plan_tasks(peek.tasks)
+        plan = select_tasks(peek.tasks)
         check_local_splits(plan, data)
         if config.id_task is not None:
             plan_run([config.id_task], config.id_task)  # a plugin task cannot be the explicit ID task

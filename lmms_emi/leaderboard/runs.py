@@ -208,16 +208,36 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _file_tensors_sha256(path: Path) -> str | None:
+    """The ``tensors_sha256`` in the manifest a project checkpoint carries in its safetensors header (read as
+    JSON, no tensor loaded; verified against the tensors whenever the file is loaded); None otherwise."""
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= 1 << 24:
+                return None
+            header = json.loads(fh.read(size))
+        manifest = json.loads(header["__metadata__"]["lmms_emi_manifest"])
+        return str(manifest["tensors_sha256"]) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def estimator_identity(est: Mapping[str, Any]) -> dict[str, str]:
     """Content keys of an estimator, strongest first: the sha256 of its tensors (the checkpoint manifest's
-    ``tensors_sha256``), the sha256 of its file (recorded, else computed when the recorded path exists),
-    then its registry name and its path (names, not content: used only when neither run records content)."""
+    ``tensors_sha256``: as recorded, else from the file's own manifest when the recorded path exists), the
+    sha256 of its file (recorded, else computed from that file), then its registry name and its path (names,
+    not content: used only when neither run records content)."""
     sha = est.get("sha256")
     path = est.get("path")
-    if not sha and path and Path(str(path)).is_file():
-        sha = _file_sha256(Path(str(path)))
+    tensors = (est.get("manifest") or {}).get("tensors_sha256")
+    on_disk = Path(str(path)) if path and Path(str(path)).is_file() else None
+    if on_disk is not None and not (sha and tensors):
+        actual = _file_sha256(on_disk)
+        if not sha or sha == actual:  # the file is still the one the run used
+            sha, tensors = actual, tensors or _file_tensors_sha256(on_disk)
     keys = {
-        "tensors sha256": (est.get("manifest") or {}).get("tensors_sha256"),
+        "tensors sha256": tensors,
         "file sha256": sha,
         "name": est.get("name"),
         "path": path,
@@ -274,7 +294,7 @@ def comparability_problems(runs: Sequence[RunResults]) -> dict[Path, list[str]]:
                     r.estimator.get("comparability") == "run" or r.estimator.get("source") == "fitted"
                     for r in (ref, run)
                 )
-                hint = " (fitted on its run: --common-estimator re-scores runs with one)" if fitted else ""
+                hint = "; --common-estimator re-scores the runs with one" if fitted else ""
                 found.append(
                     f"estimator differs ({why}): {ref.label} uses {estimator_label(ref.estimator)}, "
                     f"{run.label} uses {estimator_label(run.estimator)}{hint}"

@@ -16,6 +16,9 @@ run already has (an lmms-eval samples log's judge scores), asks the judge for th
   point-biserial r between e and the win indicator, and the AUC P(e_win > e_not-win) (Mann-Whitney U).
   EMID and the bounds have no per-sample form (they compare two tasks' distributions), so they are not
   compared per sample.
+
+Over 400 lines: the judge step's result types and their serialisation sit beside the statistics that fill
+them; the statistics themselves are scipy's (``spearmanr``, ``kendalltau``, ``bootstrap``, ``mannwhitneyu``).
 """
 
 from __future__ import annotations

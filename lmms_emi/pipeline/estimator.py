@@ -16,7 +16,7 @@ from lmms_emi.config import EMIConfig, EstimatorChoice
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.encoder_spec import spec_differences
 from lmms_emi.errors import EncoderMismatchError, UsageError
-from lmms_emi.estimators.club import CLUB
+from lmms_emi.estimators.club import CLUB, FIT_METHODS
 
 __all__ = [
     "DEFAULT_PATIENCE",
@@ -42,13 +42,15 @@ class EstimatorPolicy:
     """How a run gets its CLUB estimator: the :class:`~lmms_emi.config.EstimatorChoice` (a string is parsed
     into one) and, when one is fitted, ``steps`` / ``seed`` / ``patience`` (held-out evaluations without
     improvement before the fit stops, :meth:`CLUB.fit <lmms_emi.estimators.club.CLUB.fit>`; None trains
-    exactly ``steps`` steps, the paper's recipe). ``progress`` also shows a download's progress."""
+    exactly ``steps`` steps, the paper's recipe) and ``fit_method`` ("fast": closed-form start and a short
+    full-batch refinement; "paper": AdamW on mini-batches). ``progress`` also shows a download's progress."""
 
     choice: EstimatorChoice = field(default_factory=EstimatorChoice)
     steps: int = 5000
     seed: int = 0
     progress: bool = True
     patience: int | None = DEFAULT_PATIENCE
+    fit_method: str = "fast"
 
     def __post_init__(self) -> None:
         if not isinstance(self.choice, EstimatorChoice):
@@ -57,6 +59,8 @@ class EstimatorPolicy:
             raise UsageError(f"the estimator needs at least 1 training step, got {self.steps}")
         if self.patience is not None and self.patience < 1:
             raise UsageError(f"the estimator's early-stopping patience must be >= 1, got {self.patience}")
+        if self.fit_method not in FIT_METHODS:
+            raise UsageError(f"the estimator fit must be one of {FIT_METHODS}, got {self.fit_method!r}")
 
     @classmethod
     def from_config(cls, config: EMIConfig) -> EstimatorPolicy:
@@ -67,6 +71,7 @@ class EstimatorPolicy:
             seed=config.seed,
             progress=config.progress,
             patience=config.estimator_patience or None,
+            fit_method=config.estimator_fit,
         )
 
     def check(self, encoder_spec: Mapping[str, Any] | None) -> None:
@@ -136,12 +141,14 @@ def fit_pooled_estimator(
     hidden_size: int = 500,
     progress: bool = True,
     patience: int | None = DEFAULT_PATIENCE,
+    method: str = "fast",
 ) -> CLUB:
-    """Fit one CLUB on :func:`pooled_pairs` of all tasks (``patience``: early stopping on a held-out split,
-    at most ``steps`` steps; None: exactly ``steps`` steps, the paper's recipe)."""
+    """Fit one CLUB on :func:`pooled_pairs` of all tasks with :meth:`CLUB.fit`'s ``method`` ("fast" or
+    "paper"; ``patience``: early stopping on a held-out split, at most ``steps`` steps; None: exactly
+    ``steps`` steps, the paper's recipe)."""
     x, y = pooled_pairs(task_embeddings)
     club = CLUB(x_dim=x.shape[1], y_dim=y.shape[1], hidden_size=hidden_size)
-    return club.fit(x, y, steps=steps, seed=seed, progress=progress, patience=patience)
+    return club.fit(x, y, method=method, steps=steps, seed=seed, progress=progress, patience=patience)
 
 
 def registered_for(encoder_spec: Mapping[str, Any]) -> registry.RegistryEntry | None:
@@ -203,7 +210,12 @@ def resolve_estimator(
         return fixed
     spec = dict(encoder_spec)
     club = fit_pooled_estimator(
-        pooled, seed=policy.seed, steps=policy.steps, progress=policy.progress, patience=policy.patience
+        pooled,
+        seed=policy.seed,
+        steps=policy.steps,
+        progress=policy.progress,
+        patience=policy.patience,
+        method=policy.fit_method,
     )
     manifest = asdict(club.make_manifest(spec))
     return club, EstimatorInfo("fitted", None, "run", spec, manifest, _FITTED_NOTE)

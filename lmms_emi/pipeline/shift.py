@@ -15,6 +15,9 @@ Numbers computed on thin or degenerate data are kept but flagged: each :class:`T
 ``warnings`` (fewer than :data:`MIN_INTERVAL_SAMPLES` samples: no interval; identical or all-zero
 embeddings of a role; an estimator whose μ(x) is constant or whose log σ²(x) sits at its ±1 bound; EMI 0 on
 every task; empty responses, from :func:`response_warnings`).
+
+Over 400 lines: the result types (:class:`TaskResult`, :class:`ShiftAnalysis`) and the flags raised on them
+live beside the one function that fills them, :func:`analyze_shift`.
 """
 
 from __future__ import annotations

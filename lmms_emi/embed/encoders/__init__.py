@@ -24,7 +24,7 @@ and XLM-R-base; :mod:`.known`) is recorded under that encoder's canonical name, 
 paper's encoders work with the paper's estimator; an explicit ``name=`` always wins.
 """
 
-from .base import Encoder, EncoderInfo, Prepared
+from .base import Encoder, EncoderBatch, EncoderInfo
 from .efficientnet import EFFICIENTNET_LITE0_DIM, EfficientNetLite0, describe_efficientnet_lite0
 from .hf_clip import HFClipVision, describe_hf_clip
 from .hf_text import HFText, describe_hf_text, mean_after_first
@@ -59,13 +59,13 @@ __all__ = [
     "Backend",
     "EfficientNetLite0",
     "Encoder",
+    "EncoderBatch",
     "EncoderInfo",
     "HFClipVision",
     "HFText",
     "KnownEncoder",
     "MiniLM",
     "OpenClipVision",
-    "Prepared",
     "canonical_name",
     "describe_efficientnet_lite0",
     "describe_encoder",

@@ -1,5 +1,5 @@
 """What every encoder backend shares: the :class:`Encoder` interface, the :class:`EncoderInfo` that
-describes an encoder without loading it, a preprocessed batch (:class:`Prepared`), and the pieces of an
+describes an encoder without loading it, a preprocessed batch (:class:`EncoderBatch`), and the pieces of an
 encoder's cache identity (fingerprints of its weights)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lmms_emi.errors import EncoderLoadError
 
 
 @dataclass
-class Prepared:
+class EncoderBatch:
     """A preprocessed batch: model inputs plus the in-batch indices of truncated texts."""
 
     inputs: dict[str, torch.Tensor]
@@ -37,7 +37,7 @@ class Encoder(ABC):
     fingerprint: str  # identifies the weights (cache key part)
 
     @abstractmethod
-    def prepare(self, items: Sequence[Any]) -> Prepared:
+    def prepare(self, items: Sequence[Any]) -> EncoderBatch:
         """CPU preprocessing of one batch; must be thread-safe (runs in worker threads)."""
 
     @abstractmethod

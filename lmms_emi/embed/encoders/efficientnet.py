@@ -11,7 +11,7 @@ from PIL import Image
 
 from lmms_emi.errors import EncoderLoadError
 
-from .base import Encoder, EncoderInfo, Prepared, file_fingerprint, make_cache_id
+from .base import Encoder, EncoderBatch, EncoderInfo, file_fingerprint, make_cache_id
 from .registry import register_backend
 
 EFFICIENTNET_LITE0_DIM = 1280  # timm efficientnet_lite0 num_features
@@ -70,8 +70,8 @@ class EfficientNetLite0(Encoder):
         self.dim = int(model.num_features)
         self.fingerprint = f"file:{file_fingerprint(weights)}"
 
-    def prepare(self, items: Sequence[Image.Image]) -> Prepared:
-        return Prepared({"pixel_values": torch.stack([self.transform(im) for im in items])})
+    def prepare(self, items: Sequence[Image.Image]) -> EncoderBatch:
+        return EncoderBatch({"pixel_values": torch.stack([self.transform(im) for im in items])})
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(inputs["pixel_values"]), pre_logits=True)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .base import Encoder, EncoderInfo, Prepared, load_or_explain, make_cache_id, source_fingerprint
+from .base import Encoder, EncoderBatch, EncoderInfo, load_or_explain, make_cache_id, source_fingerprint
 from .known import identity, read_json, recorded_name, vision_config
 from .registry import register_backend
 
@@ -53,9 +53,9 @@ class HFClipVision(Encoder):
         self.dim = int(self.model.config.hidden_size)
         self.fingerprint = source_fingerprint(source)
 
-    def prepare(self, items: Sequence[Image.Image]) -> Prepared:
+    def prepare(self, items: Sequence[Image.Image]) -> EncoderBatch:
         px = self.processor(images=list(items), return_tensors="pt")["pixel_values"]
-        return Prepared({"pixel_values": px})
+        return EncoderBatch({"pixel_values": px})
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.model(pixel_values=inputs["pixel_values"]).last_hidden_state  # [B, 1+P, d]

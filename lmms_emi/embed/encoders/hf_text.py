@@ -16,7 +16,7 @@ import torch
 
 from lmms_emi.errors import EncoderLoadError
 
-from .base import Encoder, EncoderInfo, Prepared, load_or_explain, make_cache_id, source_fingerprint
+from .base import Encoder, EncoderBatch, EncoderInfo, load_or_explain, make_cache_id, source_fingerprint
 from .known import identity, read_json, recorded_name
 from .registry import register_backend
 
@@ -140,12 +140,12 @@ class HFText(Encoder):
             hasattr(emb, "create_position_ids_from_input_ids"),
         )
 
-    def prepare(self, items: Sequence[str]) -> Prepared:
+    def prepare(self, items: Sequence[str]) -> EncoderBatch:
         texts = list(items)
         with self._lock:
             return self._prepare_locked(texts)
 
-    def _prepare_locked(self, texts: list[str]) -> Prepared:
+    def _prepare_locked(self, texts: list[str]) -> EncoderBatch:
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
@@ -157,7 +157,7 @@ class HFText(Encoder):
             if n >= self.max_length
             and len(self.tokenizer(texts[i], truncation=False, verbose=False)["input_ids"]) > self.max_length
         ]
-        return Prepared(inputs, truncated)
+        return EncoderBatch(inputs, truncated)
 
     def hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states ``[B, L, d]`` of the configured layer."""

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .base import Encoder, EncoderInfo, Prepared, file_fingerprint, load_or_explain, make_cache_id
+from .base import Encoder, EncoderBatch, EncoderInfo, file_fingerprint, load_or_explain, make_cache_id
 from .registry import register_backend
 
 
@@ -67,8 +67,8 @@ class OpenClipVision(Encoder):
         self._tokens: list[torch.Tensor] = []
         visual.transformer.register_forward_hook(lambda _m, _i, out: self._tokens.append(out))
 
-    def prepare(self, items: Sequence[Image.Image]) -> Prepared:
-        return Prepared({"pixel_values": torch.stack([self.transform(im) for im in items])})
+    def prepare(self, items: Sequence[Image.Image]) -> EncoderBatch:
+        return EncoderBatch({"pixel_values": torch.stack([self.transform(im) for im in items])})
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self._tokens.clear()

@@ -14,11 +14,11 @@ from lmms_emi.errors import UsageError
 from lmms_emi.harness import make_tasks
 from lmms_emi.sources.datasets import LocalDataset
 
-__all__ = ["TaskPlan", "check_local_splits", "plan_tasks"]
+__all__ = ["TaskSelection", "check_local_splits", "select_tasks"]
 
 
 @dataclass
-class TaskPlan:
+class TaskSelection:
     tasks: list[str]  # what goes to lmms-eval's --tasks
     benchmarks: set[str] = field(default_factory=set)
     foreign: list[str] = field(default_factory=list)
@@ -39,12 +39,12 @@ def _group_leaves(name: str) -> list[str]:
     return [s.task for s in scen if s.shift_kind == kind]
 
 
-def plan_tasks(tasks_arg: str) -> TaskPlan:
+def select_tasks(tasks_arg: str) -> TaskSelection:
     """Resolve ``--tasks``: the plugin's names (wildcards too), unknown plugin-looking names (error), other
     lmms-eval tasks (foreign); add each touched benchmark's ID task when the run lacks it."""
     ours = make_tasks.plugin_names()
     requested = [t.strip() for t in tasks_arg.split(",") if t.strip()]
-    plan = TaskPlan(tasks=[])
+    plan = TaskSelection(tasks=[])
     covered: set[str] = set()  # benchmarks whose ID task is in the run
     for name in requested:
         matched = (
@@ -78,7 +78,7 @@ def plan_tasks(tasks_arg: str) -> TaskPlan:
     return plan
 
 
-def check_local_splits(plan: TaskPlan, data: Mapping[str, LocalDataset]) -> None:
+def check_local_splits(plan: TaskSelection, data: Mapping[str, LocalDataset]) -> None:
     """Every task of a benchmark read from a local copy must find its split there."""
     for task in plan.leaves:
         scenario = sc.scenario_for_task(task)
