@@ -143,8 +143,8 @@ def _child(argv: list[str]) -> int:
         "heavy_modules": sorted(m for m in HEAVY_MODULES if m in sys.modules),
     }
     Path(os.environ[CHILD_ENV]).write_text(json.dumps(result))
-    # end as the console script does (no interpreter teardown, where the CLI has that exit)
-    getattr(cli, "exit_without_teardown", sys.exit)(int(rc))
+    # end as the console script does
+    cli.exit_without_gc(int(rc))
     return int(rc)
 
 

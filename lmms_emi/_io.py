@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -10,6 +12,42 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
+PROBE_BYTES = 4096  # what the writability probe writes: a full disk refuses it (creating a file alone passes)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class WriteFailed(OSError):
+    """Writing a file failed (disk full, quota, I/O error, ...): ``filename`` is the file that was to be
+    written, ``strerror`` the cause; :func:`atomic_write` published nothing and left the earlier file
+    untouched. Its message is one line."""
+
+    def __str__(self) -> str:
+        hint = "; free some space or choose another folder" if self.errno in _NO_SPACE else ""
+        return f"cannot write {self.filename}: {self.strerror}{hint} (nothing was written)"
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The operating-system error behind ``exc``: ``exc`` itself when it is an OSError, else one rebuilt from
+    the text of a library that reports it as its own type (safetensors' Rust writer: ``SafetensorError: ...
+    Os { code: 28, kind: StorageFull, message: "No space left on device" }``); None for other errors."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"Os \{ code: (\d+)|\[Errno (\d+)\]", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1) or found.group(2))
+    return OSError(code, os.strerror(code))
+
+
+def _write_failed(path: Path, exc: BaseException) -> BaseException:
+    """``exc`` as a :class:`WriteFailed` naming ``path`` when an OS error is behind it (an existing name
+    refused by ``overwrite=False`` stays a FileExistsError); else ``exc`` unchanged."""
+    if isinstance(exc, (WriteFailed, FileExistsError)) or not isinstance(exc, Exception):
+        return exc
+    cause = os_error_of(exc)
+    if cause is None or cause.errno is None:
+        return exc
+    return WriteFailed(cause.errno, cause.strerror or os.strerror(cause.errno), str(path))
 
 
 def _create_temp(folder: Path, name: str) -> Path:
@@ -35,11 +73,17 @@ def atomic_write(
     a temp file). ``overwrite=False`` publishes with a hard link instead, which fails with
     :class:`FileExistsError` (and leaves the existing file untouched) when ``path`` exists: two writers
     racing for one name cannot both win.
+
+    A failure of the operating system (a full disk, a quota, an I/O error; also when the writer reports it
+    as its own exception type, as safetensors does) is a :class:`WriteFailed` naming ``path`` and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's pid in the name: a process killed mid-write leaves a file sweep_dead_writers() can remove
-    tmp = _create_temp(path.parent, path.name)  # a new file's mode: what open() gives it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the writer's pid in the name: a process killed mid-write leaves a file sweep_dead_writers() removes
+        tmp = _create_temp(path.parent, path.name)  # a new file's mode: what open() gives it
+    except OSError as exc:
+        raise _write_failed(path, exc) from exc
     try:
         mode: int | None = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
@@ -53,9 +97,12 @@ def atomic_write(
         else:
             os.link(tmp, path)  # atomic, and refuses an existing name
             os.unlink(tmp)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        failed = _write_failed(path, exc)
+        if failed is exc:
+            raise
+        raise failed from exc
     return path
 
 
@@ -65,13 +112,30 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = T
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create the folder ``path`` if needed and prove it writable with an unnamed temp file (nothing is left
-    behind); OSError (read-only, under a regular file, ...) otherwise."""
+    """Create the folder ``path`` if needed and prove it writable with an unnamed temp file holding
+    :data:`PROBE_BYTES` bytes (nothing is left behind): creating a file alone succeeds on a full disk, writing
+    to it does not. OSError (read-only, under a regular file, no space, ...) otherwise."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
+    with tempfile.TemporaryFile(dir=folder) as fh:
+        written = os.write(fh.fileno(), bytes(PROBE_BYTES))
+        if written < PROBE_BYTES:  # a short write: the filesystem ran out of room
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
     return folder
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes free for this user on the filesystem of ``path`` (its nearest existing folder); None when it
+    cannot be told."""
+    import shutil
+
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def reserve_file(path: str | os.PathLike) -> bool:

@@ -1,17 +1,17 @@
 """The report's scatter figure (EMID against its bound), drawn with matplotlib's Agg canvas in this process.
 
-matplotlib is imported on the first figure only (no pyplot, no global backend). Drawing it in a helper process
-that imported matplotlib in parallel saved 0.44-0.53 s of the reports step of a warm ``lmms-emi score`` of
-the whole synthetic benchmark (``benchmarks/bench_score.py``; 2 loaded CPUs, 2026-12-06), under 10 % of its
-~5 s, with no difference in the wall-time medians and a second interpreter's CPU: it was removed.
-"""
+matplotlib is imported on the first figure only (no pyplot, no global backend). A helper process that imported
+matplotlib in parallel used to draw it: on the warm full-size ``benchmarks/bench_score.py`` (2 CPUs under
+load, 2026-12-06, alternating runs) it shortened the reports step by 0.44-0.53 s but its own start-up slowed
+the rest by ~0.25 s, a net 0.2-0.3 s of a ~5.4 s warm run (4-6 %, under the 10 % that would keep it), so it
+was removed. The PNG is byte-identical either way (same code, same matplotlib)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-__all__ = ["KIND_COLOURS", "FigureWorker", "ScatterFigure", "draw"]
+__all__ = ["KIND_COLOURS", "ScatterFigure", "draw"]
 
 KIND_COLOURS = {"visual": "tab:blue", "text": "tab:orange", "joint": "tab:red", "ood": "tab:grey"}
 
@@ -59,23 +59,3 @@ def draw(figure: ScatterFigure, path: str | os.PathLike[str]) -> None:
         ax.text(0.5, 0.5, figure.empty_text, ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, format="png")
-
-
-class FigureWorker:
-    """Transitional: draws in this process, as :func:`draw`. The helper process it used to start is gone
-    (it saved under 10 % of a warm ``lmms-emi score``; see the module docstring). Callers still pass one
-    (``report.py``, ``cli/_report.py``, ``cli/score.py``, ``cli/analyze.py``): remove it with them."""
-
-    drawn_by_helper = 0
-
-    def __init__(self, *, start: bool | None = None) -> None:
-        del start
-
-    def draw(self, figure: ScatterFigure, path: str | os.PathLike[str]) -> None:
-        draw(figure, path)
-
-    def __enter__(self) -> FigureWorker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -12,16 +12,16 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmms_emi._io import atomic_write, atomic_write_text, scratch_dir
+from lmms_emi._io import WriteFailed, atomic_write, atomic_write_text, scratch_dir
 from lmms_emi.embed.store import EMBEDDINGS_FILE, save_embeddings
 from lmms_emi.estimator_registry import file_sha256
-from lmms_emi.figure import FigureWorker, ScatterFigure, draw
+from lmms_emi.figure import ScatterFigure, draw
 from lmms_emi.pipeline.estimator import FITTED_CHECKPOINT_NAME
 from lmms_emi.pipeline.run import RunAnalysis
 from lmms_emi.pipeline.shift import ShiftAnalysis, TaskResult, json_ready
@@ -213,11 +213,9 @@ def write_report(
     out_dir: str | Path,
     *,
     prefix: str = "emi_report",
-    figures: FigureWorker | None = None,
 ) -> dict[str, Path]:
     """Write ``<prefix>.json``, ``.csv``, ``.md`` and ``.png`` into ``out_dir``; return their paths by kind
-    ("json", "csv", "markdown", "png"). ``figures``: the run's figure helper (:mod:`lmms_emi.figure`); the
-    PNG is drawn in this process without one."""
+    ("json", "csv", "markdown", "png")."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {**analysis.to_dict(), "summary": json_ready(robustness_summary(analysis))}
@@ -229,8 +227,7 @@ def write_report(
     paths: dict[str, Path] = {}
     for kind, (name, text) in texts.items():
         paths[kind] = atomic_write_text(out / name, text)
-    draw_png = figures.draw if figures is not None else draw
-    paths["png"] = atomic_write(out / f"{prefix}.png", lambda tmp: draw_png(emid_figure(analysis), tmp))
+    paths["png"] = atomic_write(out / f"{prefix}.png", lambda tmp: draw(emid_figure(analysis), tmp))
     return paths
 
 
@@ -250,7 +247,7 @@ class _PrefixTaken(Exception):
 
 
 def write_run_reports(
-    run: RunAnalysis, out_dir: str | Path, *, run_id: str | None = None, figures: FigureWorker | None = None
+    run: RunAnalysis, out_dir: str | Path, *, run_id: str | None = None
 ) -> dict[str, dict[str, Path]]:
     """Write everything a run produced into ``out_dir``, every name prefixed with the run's id: the
     embeddings file (``<id>_emi_embeddings.safetensors``), the fitted estimator when the run fitted one
@@ -262,26 +259,27 @@ def write_run_reports(
     is ever replaced: the files are written to a private staging folder and published with hard links that
     refuse existing names; when the id is taken (two runs in one second), ``<id>-2``, ``<id>-3``, ... is
     used. Returns {report name: {kind: path}} plus ``"run"`` with the embeddings and estimator paths.
-    Updates ``run`` with the estimator's saved path. ``figures``: as for :func:`write_report`."""
+    Updates ``run`` with the estimator's saved path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = run_id or new_run_id()
     for attempt in range(1, 1000):
         prefix = base if attempt == 1 else f"{base}-{attempt}"
         try:
-            return _publish_run_reports(run, out, prefix, figures)
+            return _publish_run_reports(run, out, prefix)
         except _PrefixTaken:
             continue
     raise FileExistsError(f"{out}: no free run id after {base}-999")
 
 
 def _publish_run_reports(
-    run: RunAnalysis, out: Path, prefix: str, figures: FigureWorker | None
+    run: RunAnalysis, out: Path, prefix: str
 ) -> dict[str, dict[str, Path]]:
     embeddings_name = f"{prefix}_{EMBEDDINGS_FILE}"
     if (out / embeddings_name).exists():
         raise _PrefixTaken
     staging = scratch_dir(_STAGING, out)  # (a killed run's staging folder goes now)
+    linked: list[Path] = []  # published so far: taken back if the run cannot publish them all
     try:
         staged: list[str] = []  # names in publishing order: the embeddings file first claims the prefix
         files: dict[str, Path] = {}
@@ -295,12 +293,16 @@ def _publish_run_reports(
             run.club.save(staging / name, run.club.make_manifest(run.encoder_spec))
             staged.append(name)
             files["estimator"] = out / name
-            run.estimator = replace(run.estimator, path=str(out / name), sha256=file_sha256(staging / name))
+            written_manifest = run.club.manifest_
+            manifest = asdict(written_manifest) if written_manifest is not None else run.estimator.manifest
+            run.estimator = replace(  # the manifest as written: with its tensors' checksum
+                run.estimator, path=str(out / name), sha256=file_sha256(staging / name), manifest=manifest
+            )
             run.benchmarks = {k: a.with_context(estimator=run.estimator) for k, a in run.benchmarks.items()}
             run.singles = {k: a.with_context(estimator=run.estimator) for k, a in run.singles.items()}
         written: dict[str, dict[str, Path]] = {}
         for report_name, analysis in run.analyses.items():
-            paths = write_report(analysis, staging, prefix=f"{prefix}_{report_name}", figures=figures)
+            paths = write_report(analysis, staging, prefix=f"{prefix}_{report_name}")
             staged.extend(p.name for p in paths.values())
             written[report_name] = {kind: out / p.name for kind, p in paths.items()}
         if run.judge is not None:  # EMI vs the judge's win rate (lmms_emi.report_agreement)
@@ -319,6 +321,18 @@ def _publish_run_reports(
                 raise FileExistsError(
                     f"{out / name} appeared while this run was writing its reports; nothing overwritten"
                 ) from None
+            except OSError as exc:
+                raise WriteFailed(exc.errno, exc.strerror, str(out / name)) from None
+            linked.append(out / name)
+    except WriteFailed as exc:  # name the file the user will look for, not its staging copy
+        for path in linked:
+            path.unlink(missing_ok=True)
+        target = out / Path(str(exc.filename)).name
+        raise WriteFailed(exc.errno, exc.strerror, str(target)) from None
+    except BaseException:
+        for path in linked:  # nothing partial: a run's files are published all or none
+            path.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     written["run"] = files

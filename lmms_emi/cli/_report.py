@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from lmms_emi.errors import EXIT_OK
-from lmms_emi.figure import FigureWorker
 from lmms_emi.pipeline.agreement import JudgeRun
 from lmms_emi.pipeline.preflight import Ready
 from lmms_emi.pipeline.records import Sample
@@ -24,11 +23,9 @@ def finish(
     metadata: Mapping[str, Any],
     out_dir: Path,
     judge: JudgeRun | None = None,
-    figures: FigureWorker | None = None,
 ) -> int:
     """Run the pipeline on ``samples`` with what the preflight built (and the judge step when ``judge`` is
-    given), write the run's reports into ``out_dir`` (checked by the preflight; figures by ``figures``, the
-    command's figure helper, when given) and print the headlines."""
+    given), write the run's reports into ``out_dir`` (checked by the preflight) and print the headlines."""
     run = analyze_run(
         samples,
         embedder=ready.embedder,
@@ -37,7 +34,7 @@ def finish(
         metadata=metadata,
         judge=judge,
     )
-    written = write_run_reports(run, out_dir, figures=figures)
+    written = write_run_reports(run, out_dir)
     for line in format_headlines(run):
         print(line)
     for name, paths in written.items():

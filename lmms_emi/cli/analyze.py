@@ -12,7 +12,6 @@ from lmms_emi.cli._options import add_emi_options, add_output_options, config_fr
 from lmms_emi.metrics import RECORD_METRIC
 
 if TYPE_CHECKING:  # imported where used: `analyze --help` starts without torch
-    from lmms_emi.figure import FigureWorker
     from lmms_emi.pipeline.preflight import Ready
 
 NAME = "analyze"
@@ -38,17 +37,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from lmms_emi.figure import FigureWorker
     from lmms_emi.pipeline.preflight import preflight
 
     config = config_from(ns)
     out = Path(ns.output_path) if ns.output_path else Path(ns.run_dir) / "emi_report"
-    with FigureWorker() as figures:  # matplotlib loads in a helper process while the run works
-        ready = preflight(config, outputs={"--output-path": out}, inputs={"RUN_DIR": ns.run_dir})
-        return _run(ns, ready, out, figures)
+    ready = preflight(config, outputs={"--output-path": out}, inputs={"RUN_DIR": ns.run_dir})
+    return _run(ns, ready, out)
 
 
-def _run(ns: argparse.Namespace, ready: Ready, out: Path, figures: FigureWorker) -> int:
+def _run(ns: argparse.Namespace, ready: Ready, out: Path) -> int:
     from lmms_emi.cli._report import check_sizes, finish
     from lmms_emi.pipeline.agreement import JudgeRun
     from lmms_emi.sources.run_folder import read_run
@@ -68,4 +65,4 @@ def _run(ns: argparse.Namespace, ready: Ready, out: Path, figures: FigureWorker)
         "run_dir": str(ns.run_dir),
         "results_file": records.results_file,
     }
-    return finish(ready, samples, metadata, out, judge=judge, figures=figures)
+    return finish(ready, samples, metadata, out, judge=judge)

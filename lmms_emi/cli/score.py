@@ -13,7 +13,6 @@ from lmms_emi.cli._options import add_emi_options, add_output_options, config_fr
 from lmms_emi.errors import UsageError
 
 if TYPE_CHECKING:  # imported where used: `score --help` starts without torch
-    from lmms_emi.figure import FigureWorker
     from lmms_emi.pipeline.preflight import Ready
 
 NAME = "score"
@@ -76,20 +75,16 @@ def _present(ns: argparse.Namespace, chosen: list[sc.Scenario]) -> list[sc.Scena
 
 
 def run(ns: argparse.Namespace) -> int:
-    from lmms_emi.figure import FigureWorker
     from lmms_emi.pipeline.preflight import preflight
 
     config = config_from(ns)
     out = Path(ns.output_path)
     scenarios = _named_scenarios(ns)
-    with FigureWorker() as figures:  # matplotlib loads in a helper process while the run works
-        ready = preflight(config, outputs={"--output-path": out}, inputs={"--responses": ns.responses})
-        return _run(ns, ready, _present(ns, scenarios), out, figures)
+    ready = preflight(config, outputs={"--output-path": out}, inputs={"--responses": ns.responses})
+    return _run(ns, ready, _present(ns, scenarios), out)
 
 
-def _run(
-    ns: argparse.Namespace, ready: Ready, scenarios: list[sc.Scenario], out: Path, figures: FigureWorker
-) -> int:
+def _run(ns: argparse.Namespace, ready: Ready, scenarios: list[sc.Scenario], out: Path) -> int:
     from lmms_emi.cli._report import check_sizes, finish
     from lmms_emi.pipeline.agreement import JudgeRun
     from lmms_emi.sources.datasets import ColumnNames, load_splits
@@ -111,4 +106,4 @@ def _run(
         "responses": str(ns.responses),
         "encoders": ready.config.encoders,
     }
-    return finish(ready, samples, metadata, out, judge=judge, figures=figures)
+    return finish(ready, samples, metadata, out, judge=judge)
