@@ -32,6 +32,7 @@ def finish(
         policy=ready.policy,
         settings=ready.settings,
         metadata=metadata,
+        estimator=ready.estimator,
         judge=judge,
     )
     written = write_run_reports(run, out_dir)

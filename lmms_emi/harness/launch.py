@@ -36,14 +36,14 @@ from lmms_emi._io import scratch_dir
 from lmms_emi.config import EMIConfig
 from lmms_emi.errors import EXIT_OK, LmmsEmiError, RunFailedError, UsageError, one_line
 from lmms_emi.harness import argv, foreign, overrides, session
-from lmms_emi.harness.describe import describe_error
+from lmms_emi.harness.describe import describe_error, user_error
 from lmms_emi.harness.make_tasks import LIST_COMMANDS
 from lmms_emi.harness.patches import RESULTS_SUFFIX, activate, active, install_patches
 from lmms_emi.harness.replay import REPLAY_MODEL, model_manifests
 from lmms_emi.harness.results import rewrite_results_file, update_results
-from lmms_emi.harness.selection import TaskSelection, check_local_splits, select_tasks
-from lmms_emi.paths import tasks_dir
-from lmms_emi.pipeline.preflight import check_outputs, preflight
+from lmms_emi.harness.selection import TaskSelection, check_local_splits, select_tasks, task_path
+from lmms_emi.paths import tasks_dir, user_cache_dir
+from lmms_emi.pipeline.preflight import check_free_space, check_outputs, preflight
 from lmms_emi.pipeline.run import plan_run
 from lmms_emi.report import write_run_reports
 from lmms_emi.sources.run_folder import model_name
@@ -135,7 +135,7 @@ class EvalRun:
                 final = rewrite_results_file(results_file, analysis, extra=extra, reports=reports)
                 _merge_metric_values(results, final)
         except Exception as exc:
-            self._fail(exc if isinstance(exc, LmmsEmiError) else RunFailedError(describe_error(exc)))
+            self._fail(_without_emi(exc, results_file))
         self.final = final
         print(_summary(final))
         print(f"lmms-emi: results {results_file}; reports in {report_dir}")
@@ -149,6 +149,26 @@ class EvalRun:
         if not self.raise_errors:
             print(f"lmms-emi: error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(exc.exit_code)
+
+
+INCOMPLETE_SUFFIX = "_results.incomplete.json"
+
+
+def _without_emi(exc: Exception, results_file: Path | None) -> LmmsEmiError:
+    """The error of a failed EMI step, after lmms-eval's results JSON (its EMI values still null) was moved to
+    ``<id>_results.incomplete.json``: no ``*_results.json`` is left with EMI numbers missing (the moved file
+    keeps lmms-eval's other scores)."""
+    message = one_line(exc) if isinstance(exc, LmmsEmiError) else describe_error(exc)
+    if results_file is not None and results_file.name.endswith(RESULTS_SUFFIX) and results_file.is_file():
+        aside = results_file.with_name(results_file.name[: -len(RESULTS_SUFFIX)] + INCOMPLETE_SUFFIX)
+        try:
+            os.replace(results_file, aside)  # a rename: needs no free space
+            message += f"; lmms-eval's results without the EMI numbers were moved to {aside}"
+        except OSError:
+            pass
+    error = RunFailedError(message)
+    error.exit_code = exc.exit_code if isinstance(exc, LmmsEmiError) else RunFailedError.exit_code
+    return error
 
 
 def _merge_metric_values(results: dict[str, Any], final: Mapping[str, Any]) -> None:
@@ -178,11 +198,15 @@ def prepare_run(
         raise UsageError("give the tasks to run with --tasks (e.g. --tasks llavabench_shift_synthetic)")
     if metrics and metrics.strip().lower() != "emi":
         raise UsageError(f"--metrics {metrics}: only 'emi' is supported")
-    outputs = {"--output_path": peek.output_path, "--report-dir": config.report_dir}
+    names_tasks = bool(peek.tasks) and peek.tasks not in LIST_COMMANDS and task_path(peek.tasks) is None
+    output_path = peek.output_path or (DEFAULT_OUTPUT if names_tasks else None)
+    outputs = {"--output_path": output_path, "--report-dir": config.report_dir}
+    if rank == 0:  # every output before any input is read
+        check_outputs(outputs)
     data = overrides.parse_data_args(list(config.data))
     plan = None
     notes: list[str] = []  # said once the preflight passed
-    if peek.tasks and peek.tasks not in LIST_COMMANDS and not os.path.exists(peek.tasks):
+    if names_tasks:
         plan = select_tasks(peek.tasks)
         check_local_splits(plan, data)
         if config.id_task is not None:
@@ -205,8 +229,9 @@ def prepare_run(
             notes.append(f"adding the ID task {', '.join(plan.added)} (EMID is measured against it)")
         if not peek.output_path:
             lmms_args = argv.set_arg(lmms_args, "--output_path", DEFAULT_OUTPUT)
-            outputs["--output_path"] = DEFAULT_OUTPUT
             notes.append(f"writing results under ./{DEFAULT_OUTPUT} (set --output_path to change)")
+        if rank == 0:
+            check_free_space(_space_needs(config, outputs, plan))
     ready = None
     if rank == 0 and plan is not None:
         # the one preflight: outputs, estimator, judge, the encoders' configs (no weights), the estimator
@@ -219,8 +244,6 @@ def prepare_run(
             raise UsageError(f"--estimator {config.estimator}: {exc}") from None
         except Exception as exc:  # e.g. an encoder that cannot be loaded
             raise UsageError(describe_error(exc)) from None
-    elif rank == 0:
-        check_outputs(outputs)
     if rank == 0:
         for note in notes:
             print(f"lmms-emi: {note}", file=sys.stderr)
@@ -232,9 +255,7 @@ def prepare_run(
         else:
             lmms_args = argv.set_arg(lmms_args, "--tasks", ",".join(plan.tasks))
     session.export(config)
-    run = session.reset(config, ready)
-    if ready is not None and config.estimator.kind != "fit":
-        run.fixed_estimator()  # loaded once, now: the provisional metrics and the end reuse it
+    session.reset(config, ready)
     return EvalRun(
         config=config,
         lmms_args=lmms_args,
@@ -244,6 +265,35 @@ def prepare_run(
         model=peek.model,
         model_args=peek.model_args,
     )
+
+
+# Rough sizes of what a run writes, to refuse a disk that clearly cannot hold it before any generation: the
+# benchmark's splits have at most 90 rows; per sample a --log_samples line (~4 KiB), four 768-dim float32
+# vectors in the embeddings file (12 KiB) and four embedding-cache entries (a 4 KiB block each); per run a
+# fitted estimator (3 MiB), the figures and the results JSON.
+ROWS_PER_TASK = 90
+OUTPUT_BYTES_PER_SAMPLE = 16 * 2**10
+CACHE_BYTES_PER_SAMPLE = 16 * 2**10
+OUTPUT_BYTES_PER_RUN = 8 * 2**20
+
+
+def _space_needs(
+    config: EMIConfig, outputs: Mapping[str, str | None], plan: TaskSelection
+) -> dict[str, tuple[str | Path | None, int]]:
+    """What the run writes where (see the constants above): responses and reports in the output folder (the
+    reports in ``--report-dir`` when given), embeddings in the cache."""
+    samples = ROWS_PER_TASK * (len(plan.leaves) + len(plan.foreign))
+    outputs_bytes = OUTPUT_BYTES_PER_RUN + OUTPUT_BYTES_PER_SAMPLE * samples
+    needs: dict[str, tuple[str | Path | None, int]] = {
+        "--output_path": (outputs.get("--output_path"), outputs_bytes)
+    }
+    if outputs.get("--report-dir"):
+        needs["--report-dir"] = (outputs["--report-dir"], outputs_bytes)
+    cache = config.cache_folder
+    if cache is not False:
+        folder = user_cache_dir("embeddings") if cache in (None, True) else cache
+        needs["--emi-cache"] = (folder, CACHE_BYTES_PER_SAMPLE * samples)
+    return needs
 
 
 # ------------------------------------------------------------------------------------------- lmms-eval
@@ -259,6 +309,10 @@ def _call_lmms_eval(lmms_args: list[str]) -> tuple[dict | None, BaseException | 
             out = original(args)
         except Exception as exc:
             captured["error"] = exc
+            if user_error(exc) is not None:
+                # a problem the user can fix, said in one line by run_eval: past lmms-eval's handler, which
+                # would print its traceback first
+                raise _Stop from None
             raise
         captured["results"] = out[0] if isinstance(out, tuple) else out
         return out
@@ -268,10 +322,16 @@ def _call_lmms_eval(lmms_args: list[str]) -> tuple[dict | None, BaseException | 
     sys.argv = ["lmms-eval", *lmms_args]
     try:
         lmms_main.cli_evaluate()
+    except _Stop:
+        pass
     finally:
         lmms_main.cli_evaluate_single = original
         sys.argv = saved_argv
     return captured.get("results"), captured.get("error")
+
+
+class _Stop(BaseException):
+    """Ends lmms-eval's ``cli_evaluate`` past its ``except Exception`` (the error is in ``captured``)."""
 
 
 def _register_replay_model() -> None:
@@ -342,7 +402,8 @@ def run_eval(config: EMIConfig, lmms_args: list[str], *, metrics: str | None) ->
     if prep.error is not None:
         raise prep.error
     if error is not None:
-        raise error if isinstance(error, LmmsEmiError) else RunFailedError(describe_error(error))
+        fixable = user_error(error)
+        raise fixable if isinstance(fixable, LmmsEmiError) else RunFailedError(describe_error(error))
     if rank != 0 or prep.plan is None:
         return EXIT_OK  # other ranks, --tasks list, a --config run
     if results is None:

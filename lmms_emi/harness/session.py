@@ -24,7 +24,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from loguru import logger
@@ -88,7 +88,9 @@ class RunSession:
         self._embedder: Embedder | None = None if ready is None else ready.embedder
         self._policy = EstimatorPolicy.from_config(self.config) if ready is None else ready.policy
         self._settings = AnalysisSettings.from_config(self.config) if ready is None else ready.settings
-        self._fixed: tuple[CLUB, EstimatorInfo] | bool | None = False  # False: not looked up yet
+        # False: not looked up yet; a preflight's estimator is reused, not loaded again
+        self._fixed: tuple[CLUB, EstimatorInfo] | bool | None = False if ready is None else ready.estimator
+        self._filled: dict[tuple[str, int], str] = {}  # (task, doc_id) -> source of an answer not the model's
 
     # ------------------------------------------------------------------------------------------ load time
     def register_foreign(self, task: ForeignTask) -> None:
@@ -112,6 +114,13 @@ class RunSession:
         return dataset
 
     # ----------------------------------------------------------------------------------------- per document
+    def mark_filled(self, task: str, doc_id: int, source: str) -> None:
+        """The answer to ``doc_id`` of ``task`` is not the model's (``source`` says where it came from, e.g.
+        the replay model's fallback for a row without a saved response): its record carries ``filled``, and
+        the task's warnings say so (in the results JSON and the reports, not only on stderr)."""
+        with self._lock:
+            self._filled[(task, int(doc_id))] = source
+
     def add_record(
         self, task: str, doc: Mapping[str, Any], response: str, question: str, reference: Any
     ) -> dict:
@@ -129,6 +138,9 @@ class RunSession:
         }
         if record["doc_id"] is not None:
             with self._lock:  # process_results runs in a thread pool
+                filled = self._filled.get((task, record["doc_id"]))
+                if filled is not None:  # travels with the record to rank 0
+                    record["filled"] = filled
                 self._local.setdefault(task, {})[record["doc_id"]] = record
         return record
 
@@ -239,7 +251,23 @@ class RunSession:
             if settings is not None:  # the judge step (win rates) over every task's records
                 records = {t: self._samples[t] for t in self.tasks()}
                 judge = JudgeRun.from_records(Judge(settings), records, progress=self.config.progress)
-            return self._analyze(self.tasks(), self.fixed_estimator(), metadata, judge=judge)
+            run = self._analyze(self.tasks(), self.fixed_estimator(), metadata, judge=judge)
+            return with_task_notes(run, self.filled_notes())
+
+    def filled_notes(self) -> dict[str, list[str]]:
+        """Per task, a warning counting the answers that are not the model's (:meth:`mark_filled`)."""
+        notes: dict[str, list[str]] = {}
+        with self._lock:
+            for task, records in self._samples.items():
+                sources: dict[str, int] = {}
+                for r in records:
+                    if r.get("filled") is not None:
+                        sources[r["filled"]] = sources.get(r["filled"], 0) + 1
+                notes[task] = [
+                    f"{k} of {len(records)} responses are not the model's: {source}"
+                    for source, k in sources.items()
+                ]
+        return {t: n for t, n in notes.items() if n}
 
     def _analyze(
         self,
@@ -282,6 +310,25 @@ class RunSession:
             visual = foreign.doc_to_visual(row) if foreign is not None else row.get("image")
             out.append(visual[0] if isinstance(visual, (list, tuple)) and visual else visual)
         return out
+
+
+def with_task_notes(run: RunAnalysis, notes: Mapping[str, Sequence[str]]) -> RunAnalysis:
+    """``run`` with ``notes[task]`` first in each task's warnings (every analysis holding the task: what the
+    results JSON's ``emi_warnings`` and the report files show) and in the run's warnings."""
+    if not notes:
+        return run
+
+    def noted(analysis: Any) -> Any:
+        tasks = tuple(
+            replace(t, warnings=(*notes[t.task], *t.warnings)) if t.task in notes else t
+            for t in analysis.tasks
+        )
+        return replace(analysis, tasks=tasks)
+
+    run.benchmarks = {k: noted(a) for k, a in run.benchmarks.items()}
+    run.singles = {k: noted(a) for k, a in run.singles.items()}
+    run.warnings[:0] = [f"{task}: {note}" for task, task_notes in notes.items() for note in task_notes]
+    return run
 
 
 def _single_process() -> bool:

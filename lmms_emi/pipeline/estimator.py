@@ -76,17 +76,17 @@ class EstimatorPolicy:
 
     def check(self, encoder_spec: Mapping[str, Any] | None) -> None:
         """Fail early (before any embedding) when the chosen estimator is unusable or was trained on other
-        encoders than ``encoder_spec`` (None: the encoders are not known yet, only the file is checked). A
-        registered estimator (named, or the default of ``encoder_spec``) is downloaded here if needed."""
+        encoders than ``encoder_spec`` (the estimator is loaded and checked). With ``encoder_spec`` None (the
+        encoders are not known yet) only what needs no loading: a named file exists; a registered estimator
+        is found on this machine or downloaded (its sha256 verified)."""
         if encoder_spec is not None:
             fixed_estimator(self, encoder_spec)
         elif self.choice.kind == "registered":
-            CLUB.from_checkpoint(registry.resolve(str(self.choice.name), progress=self.progress))
+            registry.resolve(str(self.choice.name), progress=self.progress)
         elif self.choice.kind == "file":
             path = self.choice.path
             if path is None or not path.is_file():
                 raise UsageError(f"--estimator {self.choice}: no such file")
-            CLUB.from_checkpoint(path)
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,21 @@ What it built (the Embedder, the estimator policy, the analysis settings, the ju
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmms_emi._io import ensure_writable_dir
+from lmms_emi._io import ensure_writable_dir, free_bytes
 from lmms_emi.config import EMIConfig
 from lmms_emi.errors import UsageError
+from lmms_emi.estimators.club import CLUB
 from lmms_emi.judge import Judge, JudgeConfig
-from lmms_emi.pipeline.estimator import EstimatorPolicy
+from lmms_emi.pipeline.estimator import EstimatorInfo, EstimatorPolicy, fixed_estimator
 from lmms_emi.pipeline.shift import AnalysisSettings
 
-__all__ = ["Ready", "check_outputs", "judge_config", "preflight"]
+__all__ = ["Ready", "check_free_space", "check_outputs", "judge_config", "output_folder", "preflight"]
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Ready:
     settings: AnalysisSettings
     embedder: Any | None = None  # lmms_emi.embed.Embedder (configs read, weights loaded on first use)
     judge: Judge | None = None
+    estimator: tuple[CLUB, EstimatorInfo] | None = None  # loaded once; None: fitted on the run
 
 
 def check_outputs(outputs: Mapping[str, str | Path | None]) -> None:
@@ -54,6 +57,48 @@ def check_outputs(outputs: Mapping[str, str | Path | None]) -> None:
             raise UsageError(
                 f"{option} {folder}: cannot write there ({reason}); choose another folder"
             ) from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+
+
+def _filesystem(folder: Path) -> tuple[int, Path]:
+    """(device id, nearest existing folder) of ``folder``."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return os.stat(existing).st_dev, existing
+    except OSError:
+        return -1, existing
+
+
+def check_free_space(needs: Mapping[str, tuple[str | Path | None, int]]) -> None:
+    """Refuse, in one line, a run whose outputs clearly do not fit: ``{what: (folder, bytes it needs)}`` (a
+    None folder is skipped); the needs of folders on one filesystem add up, and each filesystem's free space
+    (``shutil.disk_usage``) must hold them. A filesystem whose free space cannot be told passes."""
+    by_fs: dict[int, tuple[Path, list[str], int]] = {}
+    for what, (folder, need) in needs.items():
+        if folder is None or need <= 0:
+            continue
+        dev, existing = _filesystem(Path(folder).expanduser())
+        root, names, total = by_fs.get(dev, (existing, [], 0))
+        by_fs[dev] = (root, [*names, f"{what} {folder}"], total + need)
+    for root, names, total in by_fs.values():
+        free = free_bytes(root)
+        if free is not None and free < total:
+            raise UsageError(
+                f"{'; '.join(names)}: only {_mib(free)} free on that disk, and the run needs about "
+                f"{_mib(total)} there; free some space or choose another folder"
+            )
+
+
+def output_folder(path: str | Path) -> Path:
+    """The folder an output given as a file or a folder goes into: ``path`` itself when it is a folder or
+    has no suffix, else its parent."""
+    path = Path(path).expanduser()
+    return path if path.is_dir() or not path.suffix else path.parent
 
 
 def judge_config(config: EMIConfig) -> JudgeConfig | None:
@@ -87,7 +132,7 @@ def preflight(
     check_outputs(outputs or {})
     settings = AnalysisSettings.from_config(config)
     policy = EstimatorPolicy.from_config(config)
-    policy.check(None)  # an unreadable checkpoint, an unknown or undownloadable registered estimator
+    policy.check(None)  # a missing checkpoint file; a registered estimator found or downloaded (verified)
     client = None
     judge_settings = judge_config(config) if judge else None
     if judge_settings is not None:
@@ -100,5 +145,5 @@ def preflight(
 
         with quiet_hub():
             embedder = Embedder.from_profile(config.encoders, **config.embedder_kwargs())
-        policy.check(embedder.encoder_spec())
-    return Ready(config, policy, settings, embedder, client)
+        estimator = fixed_estimator(policy, embedder.encoder_spec())  # loaded, checked against the encoders
+    return Ready(config, policy, settings, embedder, client, estimator)
