@@ -23,13 +23,17 @@ Everything here is a pure function of tensors (plus a fitted CLUB: an unfitted o
 their resampling counts and evaluate every replicate's CLUB estimates at once through
 :class:`~lmms_emi.estimators.club_form.WeightedEstimate`, the same closed form as the estimate.
 
-Over 400 lines on purpose: this is where EMI is computed, and EMI, EMID, the bounds and their bootstrap
-intervals share their validation and the per-task estimator terms; split apart, each would import the
-others' internals.
+Every number is checked against what the math allows before it is published (:func:`implausible`, with
+the derivation); a value outside that range comes from a corrupt estimator or a numerical fault.
+
+Over 400 lines on purpose: this is where EMI is computed, and EMI, EMID, the bounds, their bootstrap
+intervals and their plausibility ranges share their validation and the per-task estimator terms; split
+apart, each would import the others' internals.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from lmms_emi.estimators.checkpoint import MU_NORM_LIMIT
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.estimators.club_form import WeightedEstimate, club_mutual_information
 from lmms_emi.estimators.rjsd import DensityMatrix, rjsd_between
@@ -55,6 +60,8 @@ __all__ = [
     "effective_mutual_information",
     "emid",
     "emid_upper_bound",
+    "implausible",
+    "mi_limit",
     "partial_upper_bound",
     "prepare_task",
     "query_embedding",
@@ -546,3 +553,133 @@ def bootstrap_emid(
         confidence_level,
         seed,
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Plausibility: the range the math allows every published number
+# --------------------------------------------------------------------------------------------------------
+_LN2 = math.log(2.0)
+_SLACK = 1e-6  # relative slack of every limit: float32 / float64 round-off, never a real excess
+
+
+def mi_limit(mu_norm: float) -> float:
+    """The largest |Î| (nats) a CLUB estimate can take on one task, L = (e/2)·(1 + M)², with M the largest
+    |μ(x_i)| over the task's queries (see :func:`implausible`).
+
+    >>> round(mi_limit(0.0), 6), round(mi_limit(1.0), 6)  # e/2 and 2e
+    (1.359141, 5.436564)
+    """
+    return math.e / 2 * (1.0 + mu_norm) ** 2
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    return low - _SLACK * abs(low) - 1e-12 <= value <= high + _SLACK * abs(high) + 1e-12
+
+
+def implausible(
+    values: Mapping[str, float | tuple[float, float] | None],
+    *,
+    mu_norm: float | None = None,
+    logvar_abs: float | None = None,
+    id_mu_norm: float | None = None,
+    entropy_scale: float | None = None,
+) -> str | None:
+    """Why one task's numbers cannot be right (one line), or None when each lies in the range the math allows.
+
+    ``values``: a task's numbers by :class:`~lmms_emi.pipeline.shift.TaskResult` field name (``mi_model``,
+    ``mi_ref``, ``emi``, ``emi_ci``, ``emid``, ``emid_ci``, ``bound``, ``bound_theorem``, ``partial_bound``,
+    ``jsd_*``; None: not computed; intervals as (low, high)). ``mu_norm``: the largest |μ(z_x)| of the
+    estimator over this task's queries, ``logvar_abs`` the largest |log σ²(z_x)|; ``id_mu_norm``: the ID
+    task's |μ| (for EMID); ``entropy_scale``: Ĥ of the theorem's bound.
+
+    The derivation. Embeddings are L2-normalised, so every target has |y| = 1; log σ² comes out of a tanh,
+    so log σ²_d ∈ [−1, 1] and 1/(2σ²_d) ≤ e/2 (checked: ``logvar_abs`` ≤ 1). CLUB's log-densities without
+    their constant (it cancels) are
+
+        ℓ(y | x_i) = −Σ_d (y_d − μ_id)² / (2σ²_id)  ∈  [−(e/2)·|y − μ_i|², 0]  ⊆  [−L, 0],
+        L = (e/2)·(1 + M)²,   since |y − μ_i| ≤ |y| + |μ_i| ≤ 1 + M,   M = max_i |μ(x_i)|.
+
+    The estimate is Î = Σ_i w_i (pos_i − neg_i) with pos_i = ℓ(y_i|x_i) and neg_i = Σ_j w_j ℓ(y_j|x_i), for
+    weights w ≥ 0 summing to 1 (1/N for the estimate, resampling counts / N for a bootstrap replicate).
+    Both pos_i and neg_i (a weighted mean of values in [−L, 0]) lie in [−L, 0], so each row's term lies in
+    [−L, L], and so does Î (the leave-one-out form, N/(N−1) times it, is not used here). Hence, with L_T
+    :func:`mi_limit` of task T's M:
+
+        |Î(z_x; z_ŷ)|, |Î(z_x; z_y)| ≤ L_T
+        |EMI(T)| ≤ 2·L_T                       (every bootstrap replicate too, so the interval's ends)
+        |EMID(P, Q)| ≤ 2·L_P + 2·L_Q           (likewise its interval)
+
+    M itself is the estimator's own output; a fitted μ targets unit vectors and stays near 1, so M above
+    :data:`~lmms_emi.estimators.checkpoint.MU_NORM_LIMIT` (1e3, i.e. L ≤ 1.4e6 nats) is refused as a corrupt
+    estimator, whatever the numbers. The paper's estimator has M ≈ 3 on unit vectors: L ≈ 21 nats.
+
+    The divergences are RJSD, a lower bound on the Jensen-Shannon divergence, D ∈ [0, ln 2]; so √D ≤ √ln 2
+    and D^¼ ≤ (ln 2)^¼, and
+
+        partial bound   √D_v + √D_t                     ≤ 2√ln 2                      ≈ 1.665
+        bound           √D_v + √D_t + D_P^¼ + D_Q^¼     ≤ 2√ln 2 + 2(ln 2)^¼          ≈ 3.490
+        theorem form    Ĥ(√D_v + √D_t) + 8(D_P + D_Q)^¼ ≤ 2Ĥ√ln 2 + 8(2 ln 2)^¼       ≈ 1.665·Ĥ + 8.681
+
+    and each number must be finite. Every limit gets a relative slack of 1e-6 for round-off.
+
+    >>> implausible({"emi": 0.02, "mi_model": 0.5, "mi_ref": 0.48}, mu_norm=2.9, logvar_abs=1.0) is None
+    True
+    >>> print(implausible({"emi": -6.6e34}, mu_norm=2.9))
+    EMI = -6.6e+34 nats, outside ±2·(e/2)·(1 + |μ|)² = ±41.3 for the estimator's |μ| ≤ 2.9 on these queries
+    >>> print(implausible({"emi": 0.1}, mu_norm=1e17))
+    the estimator's mean reaches |μ(x)| = 1e+17 on these queries (a fitted one stays near 1; limit 1e+03)
+    >>> print(implausible({"bound": 3.6, "jsd_visual": 0.7}))
+    bound = 3.6, outside [0, 3.49] (2√ln 2 + 2(ln 2)^¼)
+    >>> print(implausible({"emid_ci": (0.1, float("nan"))}, mu_norm=1.0, id_mu_norm=1.0))
+    the EMID interval is NaN
+    """
+    for name, mu in (("", mu_norm), ("the ID task's ", id_mu_norm)):
+        if mu is not None and not (math.isfinite(mu) and mu <= MU_NORM_LIMIT):
+            return (
+                f"the estimator's mean reaches |μ(x)| = {mu:.3g} on {name or 'these '}queries (a fitted one "
+                f"stays near 1; limit {MU_NORM_LIMIT:.0e})"
+            )
+    if logvar_abs is not None and not _within(logvar_abs, 0.0, 1.0):
+        return f"the estimator's log σ²(x) reaches {logvar_abs:.3g}, outside the [−1, 1] of its tanh"
+    labels = {"emi": "EMI", "emid": "EMID", "mi_model": "Î(z_x; z_ŷ)", "mi_ref": "Î(z_x; z_y)"}
+    limits = _limits(mu_norm, id_mu_norm, entropy_scale)
+    for key, value in values.items():
+        if value is None:
+            continue
+        ends = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        base = key.removesuffix("_ci")
+        field = labels.get(base, base.replace("_", " ")) + (" interval" if key.endswith("_ci") else "")
+        for end in ends:
+            if not math.isfinite(end):
+                return f"the {field} is {end}".replace("nan", "NaN")
+            if base in limits:
+                (low, high), why = limits[base]
+                if not _within(end, low, high):
+                    return f"{field} = {end:.3g}{' nats' if key.startswith(('mi', 'emi')) else ''}, {why}"
+    return None
+
+
+def _limits(
+    mu_norm: float | None, id_mu_norm: float | None, entropy_scale: float | None
+) -> dict[str, tuple[tuple[float, float], str]]:
+    """(low, high) and how it is derived, per field (see :func:`implausible`)."""
+    out: dict[str, tuple[tuple[float, float], str]] = {}
+    for key in ("jsd_visual", "jsd_text", "jsd_response_p", "jsd_response_q"):
+        out[key] = ((0.0, _LN2), "outside the [0, ln 2] of a Jensen-Shannon divergence")
+    partial = 2 * _LN2**0.5  # TaskResult.partial_bound is the form without Ĥ
+    out["partial_bound"] = ((0.0, partial), f"outside [0, {partial:.4g}] (2√ln 2)")
+    full = 2 * _LN2**0.5 + 2 * _LN2**0.25
+    out["bound"] = ((0.0, full), f"outside [0, {full:.4g}] (2√ln 2 + 2(ln 2)^¼)")
+    if entropy_scale is not None:
+        theorem = 2 * entropy_scale * _LN2**0.5 + 8 * (2 * _LN2) ** 0.25
+        out["bound_theorem"] = ((0.0, theorem), f"outside [0, {theorem:.4g}] (2Ĥ√ln 2 + 8(2 ln 2)^¼)")
+    if mu_norm is not None:
+        one = mi_limit(mu_norm)
+        tail = f"for the estimator's |μ| ≤ {mu_norm:.3g} on these queries"
+        for key in ("mi_model", "mi_ref"):
+            out[key] = ((-one, one), f"outside ±(e/2)·(1 + |μ|)² = ±{one:.3g} {tail}")
+        out["emi"] = ((-2 * one, 2 * one), f"outside ±2·(e/2)·(1 + |μ|)² = ±{2 * one:.3g} {tail}")
+        if id_mu_norm is not None:
+            both = 2 * one + 2 * mi_limit(id_mu_norm)
+            out["emid"] = ((-both, both), f"outside ±{both:.3g} (2·(e/2)·(1 + |μ|)² of each task)")
+    return out

@@ -28,6 +28,8 @@ SETTINGS: dict[str, str] = {
     "LMMS_EMI_ESTIMATOR_CACHE": "download cache of registered estimators "
     "(default <user cache>/lmms_emi/estimators)",
     "LMMS_EMI_ESTIMATOR_MIRROR": "base URL that serves registered estimator files in place of their URLs",
+    "LMMS_EMI_ESTIMATOR_DOWNLOAD_TIMEOUT": "seconds a whole estimator download may take before it is "
+    "given up (default 600)",
 }
 
 #: Old name -> new name; the old one is read, with one warning per process, for one release.

@@ -18,6 +18,7 @@ __all__ = [
     "EmbedInputError",
     "EncoderLoadError",
     "EncoderMismatchError",
+    "ImplausibleResultError",
     "LmmsEmiError",
     "NotFittedError",
     "ReplayError",
@@ -55,6 +56,13 @@ class CheckpointError(LmmsEmiError, ValueError):
 
 class EncoderMismatchError(CheckpointError):
     """A CLUB checkpoint was trained on embeddings of other encoders than the ones in use."""
+
+
+class ImplausibleResultError(LmmsEmiError, RuntimeError):
+    """A computed number lies outside what the math allows (a corrupt estimator or a numerical fault); it is
+    refused, never reported. Names the estimator and the task."""
+
+    exit_code = EXIT_FAILED
 
 
 class NotFittedError(LmmsEmiError, ValueError, AttributeError):

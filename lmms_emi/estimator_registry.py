@@ -18,11 +18,13 @@ only after its sha256 matches, so a wrong or truncated download leaves nothing t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,11 +38,13 @@ from lmms_emi.paths import estimator_ckpt_dirs, user_cache_dir
 
 __all__ = [
     "CACHE_ENV",
+    "DEADLINE_ENV",
     "DIR_ENV",
     "MIRROR_ENV",
     "REGISTRY_FILE",
     "RegistryEntry",
     "cache_dir",
+    "download_deadline",
     "entry_for_sha256",
     "file_sha256",
     "find_local",
@@ -48,13 +52,18 @@ __all__ = [
     "load_registry",
     "registry_entry",
     "resolve",
+    "sweep_partials",
 ]
 
 REGISTRY_FILE = "registry.json"
 DIR_ENV = "LMMS_EMI_ESTIMATOR_DIR"  # a folder of estimator files placed by hand
 CACHE_ENV = "LMMS_EMI_ESTIMATOR_CACHE"  # the download cache folder
 MIRROR_ENV = "LMMS_EMI_ESTIMATOR_MIRROR"  # base URL serving <file> in place of each entry's URL
-_TIMEOUT_S = 60.0
+DEADLINE_ENV = "LMMS_EMI_ESTIMATOR_DOWNLOAD_TIMEOUT"  # seconds a whole download may take
+_TIMEOUT_S = 60.0  # seconds one network operation may wait
+DEFAULT_DEADLINE_S = 600.0  # a 3 MB file: minutes even on a slow line; a trickling server is given up on
+PARTIAL_SUFFIX = ".partial"  # torch.hub's temp file beside the destination: <dest>.<uuid hex>.partial
+_STARTED = time.time()  # about when this process started (this module is imported early)
 
 
 @dataclass(frozen=True)
@@ -215,9 +224,33 @@ def find_local(entry: RegistryEntry) -> Path | None:
     return None
 
 
-def resolve(name: str, *, download: bool = True, progress: bool = True, timeout: float = _TIMEOUT_S) -> Path:
+def download_deadline(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds a whole estimator download may take: ``$LMMS_EMI_ESTIMATOR_DOWNLOAD_TIMEOUT``, else
+    :data:`DEFAULT_DEADLINE_S`; a value that is not a positive number is a UsageError naming the variable."""
+    raw = (getenv(DEADLINE_ENV, environ) or "").strip()
+    if not raw:
+        return DEFAULT_DEADLINE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise UsageError(f"${DEADLINE_ENV}={raw}: must be a positive number of seconds")
+    return value
+
+
+def resolve(
+    name: str,
+    *,
+    download: bool = True,
+    progress: bool = True,
+    timeout: float = _TIMEOUT_S,
+    deadline: float | None = None,
+) -> Path:
     """The verified local file of the registered estimator ``name``, downloaded into the cache when it is
-    nowhere on this machine (``download=False``: a CheckpointError saying where to put it instead)."""
+    nowhere on this machine (``download=False``: a CheckpointError saying where to put it instead).
+    ``timeout``: seconds one network operation may wait; ``deadline``: seconds the whole download may take
+    (default :func:`download_deadline`)."""
     entry = registry_entry(name)
     found = find_local(entry)
     if found is not None:
@@ -226,13 +259,67 @@ def resolve(name: str, *, download: bool = True, progress: bool = True, timeout:
         raise CheckpointError(
             f"estimator {entry.name!r} ({entry.file}) is not on this machine: {_placement_hint(entry)}"
         )
-    return _download(entry, cache_dir() / entry.file, progress=progress, timeout=timeout)
+    limit = download_deadline() if deadline is None else deadline
+    return _download(entry, cache_dir() / entry.file, progress=progress, timeout=timeout, deadline=limit)
 
 
-def _download(entry: RegistryEntry, dest: Path, *, progress: bool, timeout: float) -> Path:
+def _partials(dest: Path) -> set[Path]:
+    try:
+        return set(dest.parent.glob(f"{dest.name}.*{PARTIAL_SUFFIX}"))
+    except OSError:
+        return set()
+
+
+def _open_files() -> set[str] | None:
+    """Every file some process holds open (Linux ``/proc``); None where that cannot be told."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    held: set[str] = set()
+    for fd_dir in proc.glob("[0-9]*/fd"):
+        try:
+            for fd in os.scandir(fd_dir):
+                try:
+                    held.add(os.readlink(fd.path))
+                except OSError:
+                    pass
+        except OSError:
+            pass  # another user's process, or gone
+    return held
+
+
+def sweep_partials(folder: Path) -> list[Path]:
+    """Remove the download temp files (``*.partial``) in ``folder`` that no writer holds any more (a
+    download killed by a signal leaves one; torch.hub removes its own only when it gets to): on Linux those
+    no process has open, elsewhere those older than this process. Returns what was removed."""
+    try:
+        partials = [p for p in folder.iterdir() if p.name.endswith(PARTIAL_SUFFIX)]
+    except OSError:
+        return []
+    if not partials:
+        return []
+    held = _open_files()
+    removed = []
+    for path in partials:
+        try:
+            dead = str(path.resolve()) not in held if held is not None else path.stat().st_mtime < _STARTED
+            if dead:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _download(entry: RegistryEntry, dest: Path, *, progress: bool, timeout: float, deadline: float) -> Path:
     """Fetch ``entry`` into ``dest`` with ``torch.hub.download_url_to_file``: it writes a temp file beside
     ``dest``, checks the sha256 and only then moves it into place (a refused or broken download leaves no
-    file). ``timeout``: seconds any one network operation may wait."""
+    file). ``timeout``: seconds any one network operation may wait; ``deadline``: seconds the whole download
+    may take (it runs in a worker thread; past the deadline it is given up and its temp file removed, also
+    from a server that keeps sending a byte now and then). Temp files of earlier downloads that died are
+    removed first (:func:`sweep_partials`)."""
+    import threading
+
     from torch.hub import download_url_to_file
 
     url = entry.download_url()
@@ -243,22 +330,50 @@ def _download(entry: RegistryEntry, dest: Path, *, progress: bool, timeout: floa
             f"cannot write the estimator cache {dest.parent} ({exc.strerror or exc}); set ${CACHE_ENV} to a "
             "writable folder"
         ) from None
+    sweep_partials(dest.parent)
+    before = _partials(dest)
+    outcome: dict[str, BaseException | None] = {}
+
+    def fetch() -> None:
+        try:
+            download_url_to_file(url, str(dest), hash_prefix=entry.sha256, progress=progress)
+            outcome["error"] = None
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
     previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)  # urlopen in torch.hub takes no timeout of its own
+    socket.setdefaulttimeout(min(timeout, deadline))  # urlopen in torch.hub takes no timeout of its own
     try:
-        download_url_to_file(url, str(dest), hash_prefix=entry.sha256, progress=progress)
-    except RuntimeError:  # the downloaded bytes have another sha256
+        worker = threading.Thread(target=fetch, name=f"lmms-emi download {entry.file}", daemon=True)
+        worker.start()
+        worker.join(deadline)
+    finally:
+        socket.setdefaulttimeout(previous)
+    if worker.is_alive():  # still receiving: given up on; the daemon thread dies with the process
+        for path in _partials(dest) - before:
+            path.unlink(missing_ok=True)  # its writer may keep writing into the unlinked file: harmless
+        raise CheckpointError(
+            f"download of {url} did not finish within {deadline:g} s (${DEADLINE_ENV}): given up, nothing "
+            f"was saved; {_placement_hint(entry, url=False)}; or fit one on the run with --estimator fit"
+        )
+    error = outcome.get("error")
+    if isinstance(error, RuntimeError):  # the downloaded bytes have another sha256
         raise CheckpointError(
             f"download of {url} does not have the registered sha256 {entry.sha256} ({entry.size} bytes): "
             f"refused, nothing was saved (a changed, truncated or wrong file; check ${MIRROR_ENV})"
         ) from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc.__class__.__name__
+    if isinstance(error, (OSError, http.client.HTTPException, ValueError)):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"cannot save the estimator download in {dest.parent}: {error.strerror}; free some space or "
+                f"set ${CACHE_ENV} to another folder (nothing was saved)"
+            ) from None
+        reason = getattr(error, "reason", None) or error.__class__.__name__
         raise CheckpointError(
             f"estimator {entry.name!r} ({entry.file}) is not on this machine and could not be downloaded "
             f"from {url} ({reason}; nothing was saved): {_placement_hint(entry, url=False)}; or fit one on "
             "the run with --estimator fit"
         ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
+    if error is not None:
+        raise error
     return _verify(entry, dest)

@@ -1,5 +1,6 @@
 """The embedding cache under faults (issue 9): unusable cache folders, lmms-eval's global warning filter,
-what produced a cached vector; the embeddings file's metadata checks."""
+what produced a cached vector, each entry bound to its encoder spec (issue 17); the embeddings file's
+metadata checks."""
 
 from __future__ import annotations
 
@@ -80,6 +81,79 @@ def test_a_cache_entry_records_what_produced_it(models, tmp_path):
         produced = json.loads(fh.metadata()["produced_by"])
     assert produced["batch_size"] == 3 and produced["device"] == "cpu"
     assert set(produced) >= {"batch_size", "device", "torch"}
+
+
+# --- each entry bound to its encoder spec (issue 17) -------------------------------------------------------
+def _only_entry(cache: Path) -> Path:
+    (entry,) = cache.rglob("*.safetensors")
+    return entry
+
+
+def _entry(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def _place(src: Path, dst: Path, **meta: str | None) -> None:
+    """``src``'s entry written at ``dst``, its metadata changed (None: removed), vector bytes unchanged."""
+    from safetensors.torch import save_file
+
+    metadata, tensors = _entry(src)
+    metadata = {k: v for k, v in {**metadata, **meta}.items() if v is not None}
+    save_file(tensors, str(dst), metadata=metadata)
+
+
+def test_a_cache_entry_records_the_spec_of_its_encoder(models, tmp_path):
+    from lmms_emi.embed.cache import CacheKey, cache_key, spec_hash
+
+    _embedder(models, tmp_path / "c").embed_texts(TEXTS[:1])
+    metadata, _ = _entry(_only_entry(tmp_path / "c"))
+    assert len(metadata["spec"]) == 64
+    key = cache_key("enc", 0, "", "content")
+    assert isinstance(key, CacheKey) and key.spec == spec_hash("enc", 0, "") and key == str(key)
+    assert {key: 1}[str(key)] == 1  # hashes and compares as the plain key
+
+
+def test_an_entry_moved_from_another_encoder_is_a_miss_with_one_warning(models, tmp_path):
+    """An entry of the layer-0 encoder placed at a layer-1 key (its key field edited to match, its checksum
+    still valid) is recomputed, with one warning, and the values are bit-identical to a run without cache."""
+    layer0, layer1 = tmp_path / "layer0", tmp_path / "layer1"
+    _embedder(models, layer0, text_layer=0).embed_texts(TEXTS[:1])
+    _embedder(models, layer1, text_layer=1).embed_texts(TEXTS[:1])
+    target = _only_entry(layer1)
+    own = _entry(target)[0]["spec"]
+    assert _entry(_only_entry(layer0))[0]["spec"] != own
+    _place(_only_entry(layer0), target, key=target.stem)
+    e = _embedder(models, layer1, text_layer=1)
+    with pytest.warns(UserWarning, match=r"1 embedding cache entry under .* recorded another encoder") as rec:
+        z = e.embed_texts(TEXTS[:1])
+    assert len([w for w in rec if "another encoder" in str(w.message)]) == 1
+    assert e.stats.text.cache_hits == 0 and e.stats.text.corrupt_entries == 0
+    fresh = _embedder(models, False, text_layer=1).embed_texts(TEXTS[:1])
+    torch.testing.assert_close(z, fresh, atol=0, rtol=0)
+    assert _entry(target)[0]["spec"] == own  # overwritten with its own entry
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # now a clean hit
+        again = _embedder(models, layer1, text_layer=1)
+        torch.testing.assert_close(again.embed_texts(TEXTS[:1]), fresh, atol=0, rtol=0)
+    assert again.stats.text.cache_hits == 1
+
+
+def test_entries_written_before_the_binding_are_still_served(models, tmp_path):
+    """Backward compatible: an entry without ``spec`` is served as before (which is also why a deliberate
+    rewrite cannot be detected without recomputing: docs/CACHE.md)."""
+    cache = tmp_path / "cache"
+    first = _embedder(models, cache).embed_texts(TEXTS)
+    for entry in cache.rglob("*.safetensors"):
+        _place(entry, entry, spec=None)
+        assert "spec" not in _entry(entry)[0]
+    e = _embedder(models, cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(e.embed_texts(TEXTS), first, atol=0, rtol=0)
+    assert e.stats.text.cache_hits == len(TEXTS) and e.stats.text.cache_misses == 0
 
 
 # --- the embeddings file ----------------------------------------------------------------------------------
@@ -163,3 +237,24 @@ def test_undecodable_sample_text_is_named_through_the_pipeline(models):
     ]
     with pytest.raises(EmbedInputError, match=r"sample 'task_x doc_id=2 \(response\)'"):
         embed_tasks(_embedder(models, False), {"task_x": rows})
+
+
+def test_an_image_pil_refuses_as_a_bomb_quotes_the_plugins_limit(monkeypatch):
+    """PIL refuses to open an image over twice its own pixel limit; the one line quotes the plugin's limit
+    (64 M pixels), not PIL's, and names the sample."""
+    import io
+
+    from PIL import Image
+
+    from lmms_emi.embed.inputs import ImageItem
+    from lmms_emi.errors import EmbedInputError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(buf, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 pixels > 2 x 100: PIL's bomb error
+    item = ImageItem("h", "sample 'q7' (index 3)", data=buf.getvalue())
+    with pytest.raises(EmbedInputError) as err:
+        item.load_rgb()
+    message = str(err.value)
+    assert "sample 'q7' (index 3)" in message and "64,000,000 pixels" in message
+    assert "178" not in message and "\n" not in message

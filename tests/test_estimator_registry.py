@@ -294,3 +294,107 @@ def test_a_run_with_the_paper_encoders_uses_the_registered_estimator(env, tmp_pa
     entry = registry.registry_entry(NAME)
     assert line.startswith("lmms-emi score: error: estimator 'paper-global'") and entry.sha256 in line
     assert "--estimator fit" in line and _files(out) == []
+
+
+# --- the download's deadline and the temp files of dead downloads (issue 17) ------------------------------
+class _Trickle:
+    """A real HTTP server on 127.0.0.1 that announces the registered size and then sends one byte every
+    0.2 s, until closed (the server that keeps a download alive without ever finishing it)."""
+
+    def __init__(self, size: int) -> None:
+        self.stop = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                try:
+                    while not outer.stop.wait(0.2):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                except OSError:
+                    pass
+                self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/mirror"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_trickling_download_is_given_up_at_its_deadline_leaving_nothing(env, monkeypatch):
+    import time
+
+    entry = registry.registry_entry(NAME)
+    server = _Trickle(entry.size)
+    monkeypatch.setenv(registry.MIRROR_ENV, server.url)
+    monkeypatch.setenv(registry.DEADLINE_ENV, "1")
+    env.mkdir()
+    stale = env / f"{entry.file}.0123456789abcdef.partial"  # what a download killed by SIGTERM left
+    stale.write_bytes(b"half")
+    try:
+        start = time.monotonic()
+        with pytest.raises(CheckpointError) as err:
+            registry.resolve(NAME, progress=False)
+        took = time.monotonic() - start
+        # the partial file of the given-up download is gone at once, though its thread still receives
+        assert _files(env) == []
+    finally:
+        server.close()
+    message = str(err.value)
+    assert 0.9 < took < 5 and "\n" not in message
+    assert f"download of {server.url}/{entry.file} did not finish within 1 s" in message
+    assert (
+        registry.DEADLINE_ENV in message and "nothing was saved" in message and "--estimator fit" in message
+    )
+
+
+def test_the_deadline_setting_is_checked(env, monkeypatch):
+    assert registry.download_deadline({}) == registry.DEFAULT_DEADLINE_S
+    assert registry.download_deadline({registry.DEADLINE_ENV: "2.5"}) == 2.5
+    for bad in ("0", "-1", "soon", "inf", "nan"):
+        with pytest.raises(UsageError, match=rf"\${registry.DEADLINE_ENV}={bad}: must be a positive number"):
+            registry.download_deadline({registry.DEADLINE_ENV: bad})
+    monkeypatch.setenv(registry.DEADLINE_ENV, "soon")
+    with pytest.raises(UsageError, match=registry.DEADLINE_ENV):
+        registry.resolve(NAME, progress=False)
+
+
+def test_partial_files_of_dead_downloads_are_swept_and_held_ones_kept(env):
+    env.mkdir()
+    dead = env / "CLUB_global.pt.aaaa.partial"
+    dead.write_bytes(b"x")
+    held = env / "CLUB_global.pt.bbbb.partial"
+    other = env / "unrelated.bin"
+    other.write_bytes(b"y")
+    with open(held, "wb") as fh:  # a running download holds its temp file open
+        fh.write(b"z")
+        fh.flush()
+        assert registry.sweep_partials(env) == [dead]
+        assert sorted(p.name for p in env.iterdir()) == [held.name, other.name]
+    assert registry.sweep_partials(env) == [held]
+    assert registry.sweep_partials(env / "missing") == []
+
+
+def test_the_cli_says_a_given_up_download_in_one_line(env, monkeypatch, capsys):
+    entry = registry.registry_entry(NAME)
+    server = _Trickle(entry.size)
+    monkeypatch.setenv(registry.MIRROR_ENV, server.url)
+    monkeypatch.setenv(registry.DEADLINE_ENV, "0.5")
+    try:
+        code = main(["estimators", "--fetch", "-q"])
+    finally:
+        server.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "did not finish within 0.5 s" in err[0], err
+    assert _files(env) == []

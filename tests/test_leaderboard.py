@@ -266,7 +266,8 @@ def test_a_model_worse_everywhere_does_not_win_by_losing_little(tmp_path: Path) 
 
 def test_the_png_shows_both_emi_with_intervals_and_both_emid(tmp_path: Path) -> None:
     """The figure: model names on the y axis, labelled x axes, EMI under shift and ID EMI as points with
-    error bars of their intervals, mean and worst EMID beside; PNG bytes."""
+    their intervals as capped bars (error bars from the interval's ends), mean and worst EMID beside; PNG
+    bytes."""
     demo = _handmade_run(
         tmp_path, "demo", emi=(-0.306, -0.5), emid=0.194, ci=((-0.588, -0.018), (-0.8, -0.2))
     )
@@ -278,11 +279,9 @@ def test_the_png_shows_both_emi_with_intervals_and_both_emid(tmp_path: Path) -> 
     assert [t.get_text() for t in left.get_yticklabels()] == ["1. demo"]
     legend = [t.get_text() for t in left.get_legend().get_texts()]
     assert legend == ["EMI under shift (95% CI)", "ID EMI (95% CI)"]
-    bars = [c for c in left.containers if hasattr(c, "has_xerr") and c.has_xerr]
-    assert len(bars) == 2  # both points carry their interval
-    segments = sorted(
-        tuple(round(float(x), 3) for x in seg[:, 0]) for c in bars for seg in c[2][0].get_segments()
-    )
+    bars = list(left.collections)  # one bar per interval, from its low to its high end
+    assert len(bars) == 2
+    segments = sorted(tuple(round(float(x), 3) for x in seg[:, 0]) for c in bars for seg in c.get_segments())
     assert segments == [(-0.8, -0.2), (-0.588, -0.018)]
     assert [t.get_text() for t in right.get_legend().get_texts()] == ["mean EMID", "worst EMID"]
     assert board.to_png()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -560,6 +559,33 @@ def test_common_estimator_rescores_runs_that_each_fitted_their_own(
     assert code == 2 and "--common-estimator needs --output-path" in _error_line(err)
 
 
+def test_bit_identical_fitted_estimators_are_comparable_though_their_files_differ(
+    models: dict[str, Any], tmp_path: Path
+) -> None:
+    """Two runs that each fitted an estimator with the same tensors, saved with manifests that differ (so
+    their files' sha256 differ, and the runs record no tensors checksum, as the pipeline records a fit):
+    the checksum in each file's own manifest decides, and they are ranked together."""
+    from dataclasses import replace
+
+    club = fit_estimator(models["demo"])
+    a = write_run(tmp_path / "a", "demo", "20260101_000000", models["demo"], club)
+    b = write_run(tmp_path / "b", "cut", "20260101_000001", models["cut"], club)
+    b_file = tmp_path / "b" / "20260101_000001_club_fitted.safetensors"
+    club.save(b_file, replace(club.make_manifest(SPEC), data_fingerprint="another fit's data"))
+    data = json.loads(b.read_text())
+    from lmms_emi.estimator_registry import file_sha256
+
+    data["lmms_emi"]["estimator"]["sha256"] = file_sha256(b_file)
+    b.write_text(json.dumps(data))
+    assert file_sha256(b_file) != json.loads(a.read_text())["lmms_emi"]["estimator"]["sha256"]
+    assert not json.loads(a.read_text())["lmms_emi"]["estimator"]["manifest"]["tensors_sha256"]
+    board = build_leaderboard([a, b])
+    assert board.comparable and [r["model"] for r in board.rows] == ["demo", "cut"]
+    other = write_run(tmp_path / "c", "cut", "20260101_000002", models["cut"], fit_estimator(models["cut"]))
+    with pytest.raises(UsageError, match=r"estimator differs \(tensors sha256 differs\)"):
+        build_leaderboard([a, other])
+
+
 def _common(out: Path) -> Any:
     from lmms_emi.leaderboard.rescore import CommonEstimator
 
@@ -673,7 +699,8 @@ def test_incomparable_runs_are_refused_naming_the_difference(
 
 @pytest.mark.slow
 def test_one_fitted_run_alone_is_shown(real_run: dict[str, Any]) -> None:
-    """An estimator fitted on its run makes EMI comparable within that run: one such run is a valid table."""
+    """An estimator fitted on its run makes EMI comparable within that run: one such run is a valid table;
+    one recorded as fitted whose tensors are those of the other run's estimator is comparable with it."""
     board = build_leaderboard([_copy(real_run, "alone", _fitted)])
     assert board.comparable and len(board.rows) == 1
     same = _copy(real_run, "same", _fitted_same_content, model="model-s")

@@ -9,6 +9,7 @@ Subcommands::
     lmms-emi demo-data DIR            build the offline demo dataset and a demo model's responses
     lmms-emi tasks-path               the plugin's lmms-eval task folder (for --include_path)
     lmms-emi leaderboard RUNS...      merge several runs' results JSON into one EMI leaderboard
+    lmms-emi compare RUN_A RUN_B      paired bootstrap of two models' EMI difference on the same questions
     lmms-emi estimators               the registered pre-trained estimators and which are cached
 
 Errors a user can fix (:class:`lmms_emi.errors.LmmsEmiError` and bad values) print one line on stderr and

@@ -32,7 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from lmms_emi.pipeline.preflight import check_outputs
+
     out = Path(ns.dir)
+    check_outputs({"DIR": out})  # before anything is built
     dataset_dir = build_demo_dataset(
         out / "dataset",
         benchmark=ns.benchmark,

@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lmms_emi._io import ensure_writable_dir
 from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import add_emi_options, config_from
 from lmms_emi.errors import EXIT_OK, UsageError
@@ -61,6 +62,33 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(ns: argparse.Namespace) -> int:
+    created: list[Path] = []  # folders this command made for --output-path: removed again if it fails
+    if ns.output_path is not None:  # before any input is read (as the preflight's check_outputs; no torch)
+        out = Path(ns.output_path).expanduser()
+        created = [f for f in (out, *out.parents) if not f.exists()]
+        try:
+            ensure_writable_dir(out)
+        except OSError as exc:
+            _remove_empty(created)
+            reason = exc.strerror or type(exc).__name__
+            raise UsageError(f"--output-path {ns.output_path}: cannot write there ({reason})") from None
+    try:
+        return _run(ns)
+    except BaseException:
+        _remove_empty(created)  # a refusal writes nothing, not even the folder
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _run(ns: argparse.Namespace) -> int:
     common = None
     if ns.common_estimator:
         from lmms_emi.leaderboard.rescore import COMMON_ESTIMATOR_FILE, CommonEstimator

@@ -13,12 +13,20 @@ removed by the next cache that opens the folder (the writer's pid is in its name
 The key does not include the batch size or device: a vector differs by ~1e-7 between them (padding, kernel
 choice), and the first computed one is served from then on, so a run is bit-reproducible given its cache.
 Each entry records what produced it (``produced_by`` metadata: batch size, device, torch version).
+
+Each entry also binds its key to its encoder spec: :func:`cache_key` returns a :class:`CacheKey` that carries
+``spec`` (sha256 of the encoder cache id, layer and projection), written into the entry's metadata; an entry
+whose recorded spec differs from the reader's (moved or copied from another key, with its key field edited)
+is a miss, recomputed and overwritten, with one warning per read. Entries written before the binding existed
+(no ``spec``) are served as before. The checks detect corruption and misplaced entries, not a deliberate
+rewrite by someone who can write the folder: see ``docs/CACHE.md`` (the trust model).
 A folder that cannot be created or written is refused at construction (``OSError``); the embedder then runs
 without a cache, with one warning.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,10 +65,30 @@ def user_warning(message: str, *, stacklevel: int = 2) -> None:
         warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
 
 
-def cache_key(encoder_id: str, layer: int, projection: str, content_hash: str) -> str:
-    """The entry's address: sha256 over the encoder identity, layer, projection and content hash."""
+class CacheKey(str):
+    """An entry's address (the hex key, compared and hashed as the plain string) that also carries ``spec``,
+    the sha256 of the encoder spec it was made for (:func:`spec_hash`), which the entry records and a read
+    checks. A plain ``str`` key works as before: nothing is recorded or checked."""
+
+    spec: str
+
+    def __new__(cls, key: str, spec: str = "") -> CacheKey:
+        obj = super().__new__(cls, key)
+        obj.spec = spec
+        return obj
+
+
+@functools.lru_cache(maxsize=64)  # a run has a few specs and many keys
+def spec_hash(encoder_id: str, layer: int, projection: str) -> str:
+    """sha256 over the encoder identity, layer and projection: what an entry is bound to."""
+    return hashlib.sha256(f"{encoder_id}\x1f{layer}\x1f{projection}".encode()).hexdigest()
+
+
+def cache_key(encoder_id: str, layer: int, projection: str, content_hash: str) -> CacheKey:
+    """The entry's address: sha256 over the encoder identity, layer, projection and content hash (a
+    :class:`CacheKey` carrying the :func:`spec_hash` of the first three)."""
     raw = f"{encoder_id}\x1f{layer}\x1f{projection}\x1f{content_hash}".encode()
-    return hashlib.sha256(raw).hexdigest()
+    return CacheKey(hashlib.sha256(raw).hexdigest(), spec_hash(encoder_id, layer, projection))
 
 
 class EmbeddingCache:
@@ -84,10 +112,11 @@ class EmbeddingCache:
     def get_many(self, keys: Sequence[str], dim: int) -> tuple[np.ndarray, list[bool], int]:
         """Read many entries at once: ``(rows, found, corrupt)`` with ``rows`` a float32 ``[len(keys), dim]``
         array (rows not found are zero), ``found[i]`` whether entry ``i`` was read and verified, and the
-        number of bad entries (counted as not found, like a miss)."""
+        number of bad entries (counted as not found, like a miss). An entry bound to another encoder spec than
+        its :class:`CacheKey`'s is a miss too, with one warning for all of them."""
         rows = np.zeros((len(keys), dim), dtype=np.float32)
         found = [False] * len(keys)
-        corrupt = 0
+        corrupt = foreign = 0
         root = os.fspath(self.root)
         for i, key in enumerate(keys):
             try:
@@ -98,12 +127,21 @@ class EmbeddingCache:
             except OSError:
                 corrupt += 1
                 continue
-            vec = _decode(data, key, dim)
+            vec, recorded = _decode_entry(data, key, dim)
             if vec is None:
                 corrupt += 1
+            elif recorded and getattr(key, "spec", "") and recorded != key.spec:
+                foreign += 1  # bound to another encoder: moved or copied here
             else:
                 rows[i] = vec
                 found[i] = True
+        if foreign:
+            user_warning(
+                f"{foreign} embedding cache entr{'y' if foreign == 1 else 'ies'} under {self.root} recorded "
+                "another encoder than the one reading them (moved or copied from another key?): recomputing "
+                "and overwriting",
+                stacklevel=3,
+            )
         return rows, found, corrupt
 
     def put(self, key: str, vec: torch.Tensor, *, produced_by: Mapping[str, object] | None = None) -> None:
@@ -112,7 +150,9 @@ class EmbeddingCache:
         p = self.path(key)
         arr = vec.detach().to("cpu", torch.float32).contiguous()
         digest = hashlib.sha256(arr.numpy().tobytes()).hexdigest()
-        meta = {"format": _FORMAT, "key": key, "sha256": digest}
+        meta = {"format": _FORMAT, "key": str(key), "sha256": digest}
+        if getattr(key, "spec", ""):
+            meta["spec"] = key.spec  # binds the entry to its encoder spec
         if produced_by:
             meta["produced_by"] = json.dumps(dict(produced_by), sort_keys=True)
         blob = st_save({"z": arr}, metadata=meta)
@@ -185,30 +225,37 @@ def _publish_unnamed(path: Path, blob: bytes) -> bool:
 
 
 def _decode(data: bytes, key: str, dim: int) -> np.ndarray | None:
+    """The vector of one verified entry (:func:`_decode_entry`), or None when anything is off."""
+    return _decode_entry(data, key, dim)[0]
+
+
+def _decode_entry(data: bytes, key: str, dim: int) -> tuple[np.ndarray | None, str]:
     """Parse and verify one entry (a safetensors file holding one float32 vector ``z``): its header names
-    this key and the sha256 of the vector's bytes, which must match. None when anything is off."""
+    this key and the sha256 of the vector's bytes, which must match. Returns (the vector, or None when
+    anything is off; the encoder spec hash the entry records, '' for entries written before it existed)."""
     try:
         if len(data) < 8:
-            return None
+            return None, ""
         (n,) = struct.unpack("<Q", data[:8])
         if n > len(data) - 8:
-            return None
+            return None, ""
         header = json.loads(data[8 : 8 + n])
         meta = header.get("__metadata__", {})
         if meta.get("format") != _FORMAT or meta.get("key") != key or set(header) != {"__metadata__", "z"}:
-            return None
+            return None, ""
         z = header["z"]
         begin, end = (int(x) for x in z["data_offsets"])
         if z["dtype"] != "F32" or list(z["shape"]) != [dim] or (begin, end) != (0, 4 * dim):
-            return None
+            return None, ""
         if 8 + n + end != len(data):
-            return None
+            return None, ""
         payload = memoryview(data)[8 + n :]
         if hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
-            return None
+            return None, ""
         vec = np.frombuffer(payload, dtype="<f4")
+        spec = meta.get("spec", "")
     except Exception:  # any parse failure means a bad entry, never a crash
-        return None
-    if not bool(np.isfinite(vec).all()):
-        return None
-    return vec
+        return None, ""
+    if not bool(np.isfinite(vec).all()) or not isinstance(spec, str):
+        return None, ""
+    return vec, spec

@@ -80,8 +80,11 @@ class ImageItem:
                 check_image_size(im.size, self.label)
                 im.load()
                 return to_rgb(im)
-        except Image.DecompressionBombError as exc:  # PIL refuses at open when over 2× its own limit
-            raise EmbedInputError(f"image for {self.label} is too large to decode: {exc}") from None
+        except Image.DecompressionBombError:  # PIL refuses at open when over 2× its own limit
+            raise EmbedInputError(
+                f"image for {self.label} has more than the limit of {MAX_IMAGE_PIXELS:,} pixels "
+                "(too large to decode); downscale it first"
+            ) from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise EmbedInputError(f"image for {self.label} could not be decoded: {exc}") from exc
 

@@ -6,6 +6,12 @@ the estimator was trained on: its sizes, the encoder spec of its embeddings, a f
 verified on load. The paper's estimator (``CLUB_global.pt``) is a plain ``torch.save`` state dict without a
 manifest; it is read as well and taken to be trained on :data:`~lmms_emi.encoder_spec.PAPER_ENCODERS`.
 
+Every file is also checked for what can be checked without a checksum (the only check a plain state dict or a
+manifest written before the checksum existed gets): every tensor finite (:func:`check_finite`) and, once
+loaded, the networks' outputs on a seeded probe batch of unit vectors (:func:`probe_batch`,
+:func:`check_probe_outputs`) finite with |μ(x)| ≤ :data:`MU_NORM_LIMIT`. A few flipped exponent bits in
+``p_mu``'s output layer turn μ into 1e30 and more, and every EMI into nonsense; they are refused here.
+
 Every problem with a file is one :class:`~lmms_emi.errors.CheckpointError` naming the file and what is
 wrong; an estimator trained on other encoders than the ones in use is an
 :class:`~lmms_emi.errors.EncoderMismatchError` naming the fields that differ.
@@ -30,9 +36,14 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_KEY",
+    "MU_NORM_LIMIT",
+    "PROBE_ROWS",
     "CheckpointManifest",
     "check_encoders",
+    "check_finite",
+    "check_probe_outputs",
     "fingerprint",
+    "probe_batch",
     "read_checkpoint",
     "tensors_checksum",
     "write_checkpoint",
@@ -41,6 +52,16 @@ __all__ = [
 MANIFEST_KEY = "lmms_emi_manifest"
 FORMAT_NAME = "lmms-emi-club"
 FORMAT_VERSION = 1
+
+#: Largest Euclidean norm |μ(x)| accepted of an estimator's mean on inputs of norm ≤ 1 (on load: the
+#: probe batch; in an analysis: every task's queries, :func:`lmms_emi.emi.implausible`). Its targets are unit
+#: vectors, so a fitted μ stays near the unit ball (the paper's ``CLUB_global.pt``: |μ| ≤ 3 on random unit
+#: vectors); 1e3 is generous and still catches a corrupt output layer (flipped exponent bits give 1e30 and
+#: more).
+MU_NORM_LIMIT = 1e3
+#: Rows of the probe batch (random unit vectors from a fixed seed) run through a loaded estimator.
+PROBE_ROWS = 256
+_PROBE_SEED = 17
 
 
 @dataclass(frozen=True)
@@ -142,7 +163,44 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointMani
     state, manifest = _read_file(path)
     if manifest is not None:
         _check_manifest(path, manifest, state)
+    check_finite(path, state)
     return state, manifest
+
+
+def check_finite(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """:class:`~lmms_emi.errors.CheckpointError` naming the file and the first tensor holding NaN or inf."""
+    for name in sorted(state):
+        t = state[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{path}: tensor {name} contains NaN or inf (the file is corrupt); re-train it "
+                "(lmms-emi train-estimator) or copy it again"
+            )
+
+
+def probe_batch(x_dim: int) -> torch.Tensor:
+    """The probe inputs of the load check: :data:`PROBE_ROWS` random unit vectors of dim ``x_dim`` from a
+    fixed seed (float32, CPU; the same on every machine)."""
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    return torch.nn.functional.normalize(torch.randn(PROBE_ROWS, x_dim, generator=gen), dim=1)
+
+
+def check_probe_outputs(path: Path, mu: torch.Tensor, logvar_before_tanh: torch.Tensor) -> None:
+    """A loaded estimator's outputs on :func:`probe_batch` are sane: μ(x) and the log σ² head's output before
+    its final tanh finite (the tanh itself keeps log σ² in [−1, 1]), and |μ(x)| ≤ :data:`MU_NORM_LIMIT`.
+    :class:`~lmms_emi.errors.CheckpointError` naming the file otherwise."""
+    advice = "its weights are corrupt; re-train it (lmms-emi train-estimator) or copy it again"
+    for what, t in (("μ(x)", mu), ("log σ²(x) before its tanh", logvar_before_tanh)):
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{path}: the estimator's {what} is NaN or inf on unit-norm inputs: {advice}"
+            )
+    largest = float(mu.detach().to(torch.float64).norm(dim=1).max()) if mu.numel() else 0.0
+    if largest > MU_NORM_LIMIT:
+        raise CheckpointError(
+            f"{path}: the estimator's mean μ(x) reaches |μ| = {largest:.3g} on unit-norm inputs, where a "
+            f"fitted one stays near 1 (limit {MU_NORM_LIMIT:g}): {advice}"
+        )
 
 
 def check_encoders(path: Path, manifest: CheckpointManifest | None, encoders: Mapping[str, Any]) -> None:

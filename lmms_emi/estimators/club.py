@@ -34,7 +34,9 @@ from lmms_emi.estimators import club_form
 from lmms_emi.estimators.checkpoint import (
     CheckpointManifest,
     check_encoders,
+    check_probe_outputs,
     fingerprint,
+    probe_batch,
     read_checkpoint,
     write_checkpoint,
 )
@@ -372,12 +374,15 @@ class CLUB(nn.Module):
         state dict (no manifest; assumed trained on :data:`~lmms_emi.encoder_spec.PAPER_ENCODERS`).
 
         Raises :class:`CheckpointError` for a missing, corrupt or wrongly shaped file (naming which tensor
-        and why) and :class:`EncoderMismatchError` when ``encoders`` differs from what it was trained on.
+        and why), also for one whose outputs on a seeded probe batch of unit vectors are not finite or whose
+        |μ(x)| exceeds :data:`~lmms_emi.estimators.checkpoint.MU_NORM_LIMIT`, and
+        :class:`EncoderMismatchError` when ``encoders`` differs from what it was trained on.
         """
         path = Path(path)
         state, manifest = read_checkpoint(path)
         club = cls._from_state(path, state, x_dim=x_dim, y_dim=y_dim)
         club.manifest_ = manifest
+        club.source_ = str(path)  # names the estimator in errors about its results
         if encoders is not None:
             check_encoders(path, manifest, encoders)
         return club.to(map_location)
@@ -422,4 +427,7 @@ class CLUB(nn.Module):
                 raise CheckpointError(f"{path}: tensor {key} contains NaN or inf")
         club.load_state_dict({k: state[k].to(torch.float32) for k in expected})
         club.eval()
+        with torch.no_grad():  # what a checksum cannot vouch for: the outputs on a seeded probe batch
+            probe = probe_batch(ckpt_x)
+            check_probe_outputs(path, club.p_mu(probe), club.p_logvar[:-1](probe))
         return club

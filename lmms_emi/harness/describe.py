@@ -6,8 +6,16 @@ import os
 import traceback
 
 from lmms_emi import scenarios as sc
+from lmms_emi._io import WriteFailed
+from lmms_emi.errors import LmmsEmiError
 
-__all__ = ["describe_error"]
+__all__ = ["describe_error", "user_error"]
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The error a user can fix behind ``exc`` (an :class:`~lmms_emi.errors.LmmsEmiError`, or a write that
+    failed: a full disk), also when lmms-eval wrapped it; None otherwise."""
+    return next((e for e in _exception_chain(exc) if isinstance(e, (LmmsEmiError, WriteFailed))), None)
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
@@ -36,7 +44,12 @@ def _dataset_frame(exc: BaseException) -> tuple[str, str] | None:
 def describe_error(exc: BaseException) -> str:
     """One line for an exception of a run."""
     chain = _exception_chain(exc)
+    fixable = user_error(exc)
+    if fixable is not None:
+        return " ".join(str(fixable).split())
     root = chain[-1]
+    if isinstance(root, OSError) and root.filename is not None and root.strerror:
+        return f"{root.filename}: {root.strerror}"
     first = (str(root).strip().splitlines() or [""])[0]
     for e in chain:
         text = str(e)

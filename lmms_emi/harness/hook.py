@@ -111,13 +111,15 @@ def _install(argv: list[str], in_cli: bool) -> str:
         config = EMIConfig.from_sources()
     except LmmsEmiError as exc:
         return _exit(one_line(exc), exc.exit_code)
-    run_dir = scratch_dir(launch.SCRATCH_PREFIX)
-    atexit.register(shutil.rmtree, run_dir, True)
     try:
+        run_dir = scratch_dir(launch.SCRATCH_PREFIX)
+        atexit.register(shutil.rmtree, run_dir, True)
         prep = launch.prepare_run(config, args, run_dir, metrics, raise_errors=False)
     except (LmmsEmiError, ValueError, FileNotFoundError) as exc:
         code = exc.exit_code if isinstance(exc, LmmsEmiError) else 2
         return _exit(one_line(exc), code)
+    except Exception as exc:  # lmms-eval would swallow it and run on without the plugin: stop here instead
+        return _exit(launch.describe_error(exc), 1)
     argv[1:] = prep.lmms_args
     launch.activate(prep)
     return "active"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lmms_emi._io import scratch_dir
+from lmms_emi._io import os_error_of, scratch_dir
 from lmms_emi.config import EMIConfig
 from lmms_emi.errors import EXIT_OK, LmmsEmiError, RunFailedError, UsageError, one_line
 from lmms_emi.harness import argv, foreign, overrides, session
@@ -155,11 +155,18 @@ INCOMPLETE_SUFFIX = "_results.incomplete.json"
 
 
 def _without_emi(exc: Exception, results_file: Path | None) -> LmmsEmiError:
-    """The error of a failed EMI step, after lmms-eval's results JSON (its EMI values still null) was moved to
-    ``<id>_results.incomplete.json``: no ``*_results.json`` is left with EMI numbers missing (the moved file
-    keeps lmms-eval's other scores)."""
+    """The error of a failed EMI step. When the step could not publish its numbers (a write failed: a full
+    disk), lmms-eval's results JSON (its EMI values still null) is first moved to
+    ``<id>_results.incomplete.json``: no ``*_results.json`` is left half-published (the moved file keeps
+    lmms-eval's other scores). A step refused on its data (too few samples, ...) leaves it as it is."""
     message = one_line(exc) if isinstance(exc, LmmsEmiError) else describe_error(exc)
-    if results_file is not None and results_file.name.endswith(RESULTS_SUFFIX) and results_file.is_file():
+    publish_failed = os_error_of(exc) is not None or isinstance(user_error(exc), OSError)
+    if (
+        publish_failed
+        and results_file is not None
+        and results_file.name.endswith(RESULTS_SUFFIX)
+        and results_file.is_file()
+    ):
         aside = results_file.with_name(results_file.name[: -len(RESULTS_SUFFIX)] + INCOMPLETE_SUFFIX)
         try:
             os.replace(results_file, aside)  # a rename: needs no free space

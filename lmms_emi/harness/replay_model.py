@@ -22,6 +22,7 @@ from lmms_eval.api.model import lmms
 
 from lmms_emi import scenarios as sc
 from lmms_emi.errors import ReplayError
+from lmms_emi.harness import session
 from lmms_emi.sources.responses import responses_for_rows
 
 __all__ = ["ReplayError", "ReplayModel"]
@@ -54,6 +55,10 @@ class ReplayModel(lmms):
         self._device = device or self._default_device()
         self._answers: dict[tuple[str, str], list[str | None]] = {}
         self.missing_rows: dict[str, int] = {}  # task -> rows answered with the fallback (strict=false)
+        self._filled_note = (  # in the task's warnings (results JSON, reports) through the run session
+            f"no saved response in {self.responses_dir} (model {self.model_name}), answered with "
+            f"{self.fallback!r} by emi_replay (strict=false)"
+        )
 
     @property
     def device(self) -> str:
@@ -129,6 +134,7 @@ class ReplayModel(lmms):
                     raise ReplayError(f"emi_replay: no saved response for task {task}, doc {doc_id}")
                 self.missing_rows[task] = self.missing_rows.get(task, 0) + 1
                 answer = self.fallback
+                session.current().mark_filled(task, doc_id, self._filled_note)
             out.append(answer)
         return out
 

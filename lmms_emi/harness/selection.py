@@ -14,7 +14,7 @@ from lmms_emi.errors import UsageError
 from lmms_emi.harness import make_tasks
 from lmms_emi.sources.datasets import LocalDataset
 
-__all__ = ["TaskSelection", "check_local_splits", "select_tasks"]
+__all__ = ["TaskSelection", "check_local_splits", "select_tasks", "task_path"]
 
 
 @dataclass
@@ -25,6 +25,44 @@ class TaskSelection:
     added: list[str] = field(default_factory=list)
     leaves: list[str] = field(default_factory=list)  # the plugin tasks the run evaluates (groups expanded)
     folder: Path | None = None  # the run's task folder (``--metrics emi`` on other tasks)
+
+
+_YAML = (".yaml", ".yml")
+
+
+def task_path(tasks_arg: str) -> Path | None:
+    """The task YAML file or folder of task YAMLs that ``--tasks`` names, when it names one; None when it
+    holds task names.
+
+    An entry that is a path (a separator, a leading ``.`` or ``~``, or an existing file: lmms-eval parses
+    any existing file named in ``--tasks`` as a task config) must be an existing ``.yaml`` file or a folder
+    holding task YAMLs, given alone; anything else is a UsageError before lmms-eval reads it."""
+    entries = [e.strip() for e in tasks_arg.split(",") if e.strip()]
+    paths = [e for e in entries if _is_path(e)]
+    if not paths:
+        return None
+    value = paths[0]
+    path = Path(value).expanduser()
+    if len(entries) == 1 and path.is_file() and path.suffix.lower() in _YAML:
+        return path
+    if len(entries) == 1 and path.is_dir() and any(p.suffix.lower() in _YAML for p in path.rglob("*")):
+        return path
+    if len(entries) > 1:
+        what = "a task YAML path goes alone, not among task names"
+    elif path.is_dir():
+        what = "a folder without task YAMLs"
+    elif path.exists():
+        what = "not a task .yaml file"
+    else:
+        what = "no such task YAML file or folder"
+    raise UsageError(
+        f"--tasks {value}: {what}; give task names (`lmms-emi eval --tasks list`), a task .yaml file or a "
+        "folder of task YAMLs"
+    )
+
+
+def _is_path(entry: str) -> bool:
+    return "/" in entry or "\\" in entry or entry.startswith((".", "~")) or Path(entry).is_file()
 
 
 def _group_leaves(name: str) -> list[str]:

@@ -36,6 +36,7 @@ from lmms_emi.leaderboard.runs import (
     RunResults,
     encoders_label,
     estimator_label,
+    find_results_files,
     load_run,
     same_estimator,
 )
@@ -141,6 +142,16 @@ class Comparison:
         )
         lines.extend(f"- note: {n}" for n in self.notes)
         return "\n".join(lines) + "\n"
+
+
+def _one_run(path: str | Path) -> RunResults:
+    """A results JSON, or a folder holding exactly one (UsageError otherwise)."""
+    if Path(path).is_dir():
+        files = find_results_files([path]).files
+        if len(files) != 1:
+            raise UsageError(f"{path}: holds {len(files)} results files; name the one to compare")
+        path = files[0]
+    return load_run(path)
 
 
 # ---------------------------------------------------------------------------------------------- matching
@@ -297,7 +308,7 @@ def compare_runs(
         raise UsageError(f"the number of bootstrap resamples must be >= 0, got {n_resamples}")
     if not 0 < confidence_level < 1:
         raise UsageError(f"the confidence level must be in (0, 1), got {confidence_level}")
-    a, b = load_run(path_a), load_run(path_b)
+    a, b = _one_run(path_a), _one_run(path_b)
     loaded = []
     for run in (a, b):
         file = run.artifact("embeddings")

@@ -245,27 +245,36 @@ class Leaderboard:
             left = fig.add_subplot(grid[i, 0])
             right = fig.add_subplot(grid[i, 1], sharey=left)
             styles = (
-                ("emi_ood", {"fmt": "o", "color": "tab:blue", "label": f"EMI under shift ({ci})"}, 0.12),
-                ("emi_id", {"fmt": "s", "color": "grey", "mfc": "white", "label": f"ID EMI ({ci})"}, -0.12),
+                ("emi_ood", {"marker": "o", "color": "tab:blue", "label": f"EMI under shift ({ci})"}, 0.12),
+                (
+                    "emi_id",
+                    {"marker": "s", "color": "grey", "mfc": "white", "label": f"ID EMI ({ci})"},
+                    -0.12,
+                ),
             )
             for key, style, shift in styles:
                 value = "emi_ood_mean" if key == "emi_ood" else "emi_id"
                 pts = [(y + shift, r) for y, r in zip(ys, rows, strict=True) if r[value] is not None]
-                if not pts:
-                    continue
-                xerr = [
-                    [
-                        r[value] - r[f"{key}_ci_low"] if r[f"{key}_ci_low"] is not None else 0.0
-                        for _, r in pts
-                    ],
-                    [
-                        r[f"{key}_ci_high"] - r[value] if r[f"{key}_ci_high"] is not None else 0.0
-                        for _, r in pts
-                    ],
-                ]
-                left.errorbar(
-                    [r[value] for _, r in pts], [y for y, _ in pts], xerr=xerr, capsize=3, lw=1.2, **style
-                )
+                # the interval as a capped bar from its low to its high end (a percentile interval need not
+                # hold its point estimate, so it is drawn as it is, not as errors around the point)
+                bars = [(y, r[f"{key}_ci_low"], r[f"{key}_ci_high"]) for y, r in pts]
+                bars = [(y, lo, hi) for y, lo, hi in bars if lo is not None and hi is not None]
+                if bars:
+                    bar_y, lows, highs = (list(col) for col in zip(*bars, strict=True))
+                    left.hlines(bar_y, lows, highs, color=style["color"], lw=1.2)
+                    ends = [v for pair in zip(lows, highs, strict=True) for v in pair]
+                    left.plot(
+                        ends,
+                        [y for y in bar_y for _ in (0, 1)],
+                        ls="none",
+                        marker="|",
+                        ms=8,
+                        color=style["color"],
+                    )
+                if pts:
+                    left.plot(
+                        [r[value] for _, r in pts], [y for y, _ in pts], ls="none", ms=7, zorder=3, **style
+                    )
             for key, style in (
                 ("emid_mean", {"marker": "o", "color": "tab:red", "label": "mean EMID"}),
                 ("emid_worst", {"marker": "x", "color": "black", "label": "worst EMID"}),

@@ -8,6 +8,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +202,15 @@ def _run_label(path: Path, data: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------- comparability
 def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _cached_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _cached_sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    """sha256 of a file, once per (file, size, modification time)."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

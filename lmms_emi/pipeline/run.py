@@ -180,6 +180,7 @@ def analyze_run(
     meta = {"lmms_emi_version": __version__, **dict(metadata or {})}  # in every report: comparability
     kwargs = settings.to_dict()  # entropy_scale, n_resamples, confidence_level, seed
     kwargs["notes"] = response_warnings(samples)  # empty answers: flagged per task
+    kwargs["estimator"] = info  # named in the refusal of an implausible number
     benchmarks: dict[str, ShiftAnalysis] = {}
     for benchmark, (id_task, tasks) in plan.groups.items():
         result = analyze_shift({t: ordered[t] for t in tasks}, id_task, club, **kwargs)

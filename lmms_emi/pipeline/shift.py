@@ -16,6 +16,11 @@ Numbers computed on thin or degenerate data are kept but flagged: each :class:`T
 embeddings of a role; an estimator whose μ(x) is constant or whose log σ²(x) sits at its ±1 bound; EMI 0 on
 every task; empty responses, from :func:`response_warnings`).
 
+Numbers the math rules out are refused, not flagged: every task's numbers are checked against the range
+derived in :func:`lmms_emi.emi.implausible` (from the estimator's |μ| on the task's queries and the RJSD
+range [0, ln 2]), and one outside it is an :class:`~lmms_emi.errors.ImplausibleResultError` naming the
+estimator and the task, before any result leaves :func:`analyze_shift`.
+
 Over 400 lines: the result types (:class:`TaskResult`, :class:`ShiftAnalysis`) and the flags raised on them
 live beside the one function that fills them, :func:`analyze_shift`.
 """
@@ -37,7 +42,7 @@ from lmms_emi import emi as emi_lib
 from lmms_emi import scenarios as sc
 from lmms_emi.config import EMIConfig
 from lmms_emi.emi import TaskEmbeddings
-from lmms_emi.errors import UsageError
+from lmms_emi.errors import ImplausibleResultError, UsageError
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.pipeline.estimator import EstimatorInfo
 
@@ -327,6 +332,41 @@ def _estimator_warnings(task: emi_lib.PreparedTask) -> list[str]:
     return out
 
 
+def _estimator_label(club: CLUB, info: EstimatorInfo | None) -> str:
+    """How errors name the estimator: its registered name or file, else "the estimator"."""
+    if info is not None and info.source == "fitted":
+        return "the estimator fitted on this run"
+    if info is not None and (info.name or info.path):
+        return f"estimator {info.name or info.path}"
+    if getattr(club, "fit_info_", None) is not None:  # fitted (after any load)
+        return "the estimator fitted on this run"
+    source = getattr(club, "source_", None)  # set by CLUB.from_checkpoint
+    return f"estimator {source}" if source else "the estimator"
+
+
+def _refuse_implausible(task: str, label: str, problem: str | None) -> None:
+    if problem is not None:
+        raise ImplausibleResultError(
+            f"{label} gives task {task!r} an impossible result: {problem}; nothing is reported (a corrupt "
+            "estimator? check or replace it, e.g. re-train with lmms-emi train-estimator)"
+        )
+
+
+def _spread(task: emi_lib.PreparedTask) -> tuple[float, float]:
+    """(largest |μ(z_x)|, largest |log σ²(z_x)|) over a task's queries: what :func:`emi_lib.implausible`
+    derives its ranges from."""
+    mu, logvar = task.mu.detach().to(torch.float64), task.logvar.detach().to(torch.float64)
+    mu_norm = float(mu.norm(dim=1).max()) if mu.numel() else 0.0
+    logvar_abs = float(logvar.abs().max()) if logvar.numel() else 0.0
+    return mu_norm, logvar_abs
+
+
+_CHECKED_FIELDS = (
+    "emi", "mi_model", "mi_ref", "emi_ci", "emid", "emid_ci", "bound", "bound_theorem", "partial_bound",
+    "jsd_visual", "jsd_text", "jsd_response_p", "jsd_response_q",
+)  # fmt: skip
+
+
 def analyze_shift(
     task_embeddings: Mapping[str, TaskEmbeddings],
     id_task: str,
@@ -337,6 +377,7 @@ def analyze_shift(
     confidence_level: float = 0.95,
     seed: int = 0,
     notes: Mapping[str, Sequence[str]] | None = None,
+    estimator: EstimatorInfo | None = None,
 ) -> ShiftAnalysis:
     """EMI per task, EMID / bounds per OOD task against ``id_task``, and their correlations.
 
@@ -344,8 +385,12 @@ def analyze_shift(
     skips them; a task below :data:`MIN_INTERVAL_SAMPLES` gets none). Tasks without references (or
     responses) get EMI None but still the partial bound. Each task's ``warnings`` start with ``notes[task]``
     (e.g. :func:`response_warnings`), then those of the module docstring.
-    Raises ValueError naming the task for a task with fewer than 2 samples or inconsistent embeddings.
+    Raises ValueError naming the task for a task with fewer than 2 samples or inconsistent embeddings, and
+    :class:`~lmms_emi.errors.ImplausibleResultError` naming the estimator (``estimator``, else the file it
+    was loaded from) and the task for a number outside what the math allows
+    (:func:`lmms_emi.emi.implausible`).
     """
+    label = _estimator_label(club, estimator)
     if id_task not in task_embeddings:
         raise ValueError(
             f"ID task {id_task!r} is not among the tasks: {', '.join(task_embeddings) or 'none'}"
@@ -369,6 +414,8 @@ def analyze_shift(
             emi_results[task], emi_cis[task] = None, None
             continue
         prepared[task] = _with_task(task, emi_lib.prepare_task, club, emb, "task")
+        mu_norm, logvar_abs = _spread(prepared[task])  # a corrupt estimator is refused before any estimate
+        _refuse_implausible(task, label, emi_lib.implausible({}, mu_norm=mu_norm, logvar_abs=logvar_abs))
         emi_results[task] = emi_lib.task_emi(prepared[task])
         if resamples(task):
             ci = _with_task(
@@ -454,6 +501,13 @@ def analyze_shift(
     if with_emi and all(abs(r.mi_model) < _ZERO_TOL and abs(r.mi_ref) < _ZERO_TOL for r in with_emi):
         zero = "EMI is 0 on every task (every MI estimate is 0): the estimator is degenerate, not the model"
         results = [replace(t, warnings=(*t.warnings, zero)) if t.emi is not None else t for t in results]
+    spreads = {task: _spread(p) for task, p in prepared.items()}
+    for t in results:  # every published number in the range the math allows, or nothing is published
+        mu_norm = spreads[t.task][0] if t.task in spreads else None
+        id_mu = spreads[id_task][0] if id_task in spreads and t.emid is not None else None
+        values = {name: getattr(t, name) for name in _CHECKED_FIELDS}
+        problem = emi_lib.implausible(values, mu_norm=mu_norm, id_mu_norm=id_mu, entropy_scale=entropy_scale)
+        _refuse_implausible(t.task, label, problem)
     correlations: dict[str, Correlation | None] = {}
     names = ["bound", "partial_bound"] + (["bound_theorem"] if entropy_scale is not None else [])
     for name in names:
@@ -467,4 +521,4 @@ def analyze_shift(
         "confidence_level": confidence_level,
         "seed": seed,
     }
-    return ShiftAnalysis(id_task, tuple(results), correlations, settings)
+    return ShiftAnalysis(id_task, tuple(results), correlations, settings, estimator)

@@ -4,6 +4,11 @@ Feature ``mean_after_first`` of hidden layer ``l``: ``z_t = sum_{i>=1} m_i h_i^{
 ``m`` the attention mask (mean over the non-padding tokens after the first; the final ``</s>`` counts).  For
 ``l = 0`` only ``model.embeddings`` runs (word + position + type embeddings, LayerNorm), which equals
 ``hidden_states[0]`` of the full forward.
+
+A text longer than :data:`CHARS_PER_TOKEN` × the encoder's max length is cut at a word boundary before it
+is tokenized (:func:`word_prefix`), so memory is bounded by the encoder, not by the input (a tokenizer
+encodes the whole text before truncating it: a 100 MB response took 14 GB); the tokens the encoder sees,
+and so the embedding, are those of the whole text (see ``HFText._cut``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,26 @@ _ABSOLUTE_POSITIONS = frozenset(
     {"bert", "distilbert", "electra", "albert", "mobilebert", "convbert", "megatron-bert", "ernie", "nezha"}
 )
 _UNLIMITED = 1_000_000
+#: Characters kept of a long text per token of the encoder's max length (before the word-boundary cut): a
+#: safe margin over the few characters per token of real text (about 4-6 in English; a vocabulary piece is
+#: rarely over 16), so the cut text still has more tokens than the encoder keeps. Correctness does not rest
+#: on it: a cut text with too few tokens is not used (``HFText._cut``).
+CHARS_PER_TOKEN = 64
+
+
+def word_prefix(text: str, max_chars: int) -> str | None:
+    """The longest prefix ``text[:k]``, k ≤ ``max_chars``, that ends a word: ``text[k]`` is a space and
+    ``text[k-1]`` is not whitespace. None when ``text`` is not longer than ``max_chars`` or has no such k.
+
+    >>> word_prefix("one two  three", 9), word_prefix("one two  three", 6), word_prefix("one", 2)
+    ('one two', 'one', None)
+    """
+    if len(text) <= max_chars:
+        return None
+    k = text.rfind(" ", 1, max_chars + 1)
+    while k > 0 and text[k - 1].isspace():
+        k = text.rfind(" ", 1, k)
+    return text[:k] if k > 0 else None
 
 
 def _text_max_length(
@@ -145,18 +170,44 @@ class HFText(Encoder):
         with self._lock:
             return self._prepare_locked(texts)
 
+    def _cut(self, text: str) -> str | None:
+        """``text`` cut before tokenization (None: use it whole), so that tokenizing does not cost memory in
+        proportion to a huge input, and the encoder still sees exactly the tokens of the whole text.
+
+        The cut is :func:`word_prefix` at :data:`CHARS_PER_TOKEN` × ``max_length`` characters: it ends at a
+        non-space character followed by a space. Every tokenizer of these models splits words at spaces
+        before its subword model runs, and that split, the normalizers (NFKC-style maps, lower-casing,
+        accent stripping, collapsing runs of spaces) and the subword model act on each word alone (WordPiece
+        and BERT's pre-tokenizer; SentencePiece / Metaspace; byte-level BPE, whose pattern ends a letter,
+        digit or punctuation run before a space). So the tokens of the prefix are the first tokens of the
+        whole text, word for word, and when the prefix has more tokens than ``max_length`` (checked here,
+        on a text of bounded size), truncation keeps the same first ``max_length`` tokens of both: the
+        same ids, mask and embedding, bit for bit. Otherwise (no space to cut at, or too few tokens in the
+        prefix: e.g. megabytes of whitespace) the whole text is used, as before."""
+        prefix = word_prefix(text, CHARS_PER_TOKEN * self.max_length)
+        if prefix is None:
+            return None
+        return prefix if self._n_tokens(prefix) > self.max_length else None
+
+    def _n_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, truncation=False, verbose=False)["input_ids"])
+
     def _prepare_locked(self, texts: list[str]) -> EncoderBatch:
+        cuts = [self._cut(t) for t in texts]
         enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            [t if c is None else c for t, c in zip(texts, cuts, strict=True)],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         lengths = inputs["attention_mask"].sum(dim=1).tolist()
         truncated = [
             i
             for i, n in enumerate(lengths)
-            if n >= self.max_length
-            and len(self.tokenizer(texts[i], truncation=False, verbose=False)["input_ids"]) > self.max_length
-        ]
+            if cuts[i] is not None or (n >= self.max_length and self._n_tokens(texts[i]) > self.max_length)
+        ]  # a cut text has more tokens than the encoder keeps
         return EncoderBatch(inputs, truncated)
 
     def hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
