@@ -38,8 +38,8 @@ def check_image_size(size: tuple[int, int], label: str) -> None:
         raise EmbedInputError(f"image for {label} is empty ({width}×{height})")
     if width * height > MAX_IMAGE_PIXELS:
         raise EmbedInputError(
-            f"image for {label} is {width}×{height} = {width * height} pixels, more than the limit of "
-            f"{MAX_IMAGE_PIXELS}; downscale it first"
+            f"image for {label} is {width}×{height} = {width * height:,} pixels, more than the limit of "
+            f"{MAX_IMAGE_PIXELS:,} pixels; downscale it first"
         )
     ratio = max(width, height) / min(width, height)
     if ratio > MAX_ASPECT_RATIO:

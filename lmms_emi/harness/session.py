@@ -89,7 +89,8 @@ class RunSession:
         self._policy = EstimatorPolicy.from_config(self.config) if ready is None else ready.policy
         self._settings = AnalysisSettings.from_config(self.config) if ready is None else ready.settings
         # False: not looked up yet; a preflight's estimator is reused, not loaded again
-        self._fixed: tuple[CLUB, EstimatorInfo] | bool | None = False if ready is None else ready.estimator
+        checked = ready is not None and ready.embedder is not None  # the preflight resolved the estimator
+        self._fixed: tuple[CLUB, EstimatorInfo] | bool | None = ready.estimator if checked else False
         self._filled: dict[tuple[str, int], str] = {}  # (task, doc_id) -> source of an answer not the model's
 
     # ------------------------------------------------------------------------------------------ load time

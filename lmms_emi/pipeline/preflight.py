@@ -139,6 +139,7 @@ def preflight(
         client = Judge(judge_settings)
         client.check()
     embedder = None
+    estimator = None  # None also when the encoders are not checked here: the run resolves it
     if encoders:
         from lmms_emi.embed import Embedder
         from lmms_emi.environment import quiet_hub
