@@ -376,6 +376,33 @@ def test_an_unfitted_club_refuses_to_estimate():
     assert issubclass(NotFittedError, ValueError) and issubclass(NotFittedError, AttributeError)
 
 
+def test_a_fast_fit_keeps_the_layout_and_its_checkpoint_loads_back(tmp_path):
+    # the paper's sizes (768 → 250 → 768 per head): state-dict keys and shapes as a freshly built CLUB's
+    x = unit_rows(300, 768, seed=40)
+    y = F.normalize(x @ torch.randn(768, 768, generator=torch.Generator().manual_seed(41)), dim=1)
+    club = CLUB(768, 768, 500).fit(x, y, method="fast", seed=2, patience=3, progress=False)
+    fresh = CLUB(768, 768, 500).state_dict()
+    assert {k: v.shape for k, v in club.state_dict().items()} == {k: v.shape for k, v in fresh.items()}
+    assert club.fit_info_.hyperparameters["method"] == "fast"
+    path = club.save(tmp_path / "fast.safetensors", club.make_manifest(ENCODERS))
+    loaded = CLUB.from_checkpoint(path, encoders=ENCODERS)
+    assert loaded.manifest_.hyperparameters["method"] == "fast"
+    assert loaded.manifest_.hyperparameters["fast_fit"]["n_heldout"] == 30
+    for key, value in club.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+    assert loaded.mutual_information(x, y) == club.mutual_information(x, y)
+
+
+def test_fit_methods_are_checked():
+    x, y = gaussian_pairs(100, 3, 0.5, seed=42)
+    with pytest.raises(ValueError, match="method"):
+        CLUB(3, 3, 8).fit(x, y, method="sgd", progress=False)
+    with pytest.raises(ValueError, match="warm_start"):
+        CLUB(3, 3, 8).fit(x, y, method="fast", warm_start=True, progress=False)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        CLUB(3, 3, 8).fit(x, y, method="fast", validation_fraction=0.0, progress=False)
+
+
 def test_fit_load_state_dict_and_checkpoints_mark_the_estimator_fitted(tmp_path):
     x, y = gaussian_pairs(200, 8, 0.5, seed=32)
     club = CLUB(8, 8, 16)

@@ -118,6 +118,7 @@ def test_process_results_thread_safe_and_picklable() -> None:
         "question": "question 7",
         "response": "  answer 7",
         "reference": "reference 7",
+        "rank": 0,
     }
     assert first["emid"] == {"task": "lbshift_syn_llava_bench_coco", "doc_id": 7}
 

@@ -64,6 +64,7 @@ def run(ns: argparse.Namespace) -> int:
         hidden_size=ns.hidden_size,
         progress=config.progress,
         patience=config.estimator_patience or None,
+        method=config.estimator_fit,
     )
     saved = club.save(out, club.make_manifest(spec))
     n_pairs = pool.n_pairs

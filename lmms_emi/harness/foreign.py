@@ -1,11 +1,14 @@
 """``--metrics emi``: score other lmms-eval generation tasks (e.g. ``llava_in_the_wild``) with EMI, no judge.
 
-Each such task gets a one-task YAML ``{task: <name>, process_docs, process_results, metric_list}`` in a run
-folder; lmms-eval merges a config naming a registered task over that task's own config, so the task keeps
-its name, prompt, data and generation settings and only its scoring changes. All tasks of the run go to
-lmms-eval as that folder (``--tasks DIR``: every YAML in it is one task or group config). Once the run's own
-``TaskManager`` is built, each foreign task's ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target`` /
-``process_docs`` are read from its config and registered with the run session (:func:`register`).
+Each such task gets a one-task YAML ``{task: <name>, process_docs}`` in a run folder; lmms-eval merges a
+config naming a registered task over that task's own config, so the task keeps its name, prompt, data,
+generation settings and its own metrics. The EMI metrics are added beside the task's own ones by the patches
+of :mod:`lmms_emi.harness.patches` (its ``process_results`` result plus the EMI records; its aggregations
+plus the EMI ones), whether its metrics come from its own ``process_results`` or lmms-eval's built-in ones.
+All tasks of the run go to lmms-eval as that folder (``--tasks DIR``: every YAML in it is one task or group
+config). Once the run's own ``TaskManager`` is built, each foreign task's ``doc_to_visual`` /
+``doc_to_text`` / ``doc_to_target`` / ``process_docs`` are read from its config and registered with the run
+session (:func:`register`).
 """
 
 from __future__ import annotations
@@ -28,14 +31,27 @@ def _field(
 ) -> Callable[[dict], Any]:
     """A doc -> value accessor for a task config field (callable, column name or Jinja template)."""
     if callable(value):
-        if kwargs is not None:
+        if kwargs is not None and _takes_two(value):
             return lambda doc: value(doc, dict(kwargs))
-        return value
+        return lambda doc: value(doc)
     if isinstance(value, str):
         from lmms_eval.utils import apply_template
 
         return lambda doc: doc[value] if value in doc else apply_template(value, doc)
     raise ForeignTaskError(f"--metrics emi: task {task} has no usable {what}")
+
+
+def _takes_two(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts a second positional argument (``lmms_eval_specific_kwargs``): user tasks often
+    define ``doc_to_text(doc)`` with one argument, as lmms-eval calls them then."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def _specific_kwargs(config: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -54,8 +70,17 @@ def register(run: RunSession, task_manager: Any, name: str) -> None:
     config = task_manager._get_config(name)
     if config.get("output_type", "generate_until") != "generate_until":
         raise ForeignTaskError(f"--metrics emi: task {name} is not a generation task")
-    if not config.get("doc_to_visual") or config.get("doc_to_target") is None:
-        raise ForeignTaskError(f"--metrics emi: task {name} needs an image and a reference answer")
+    lacks = [
+        what
+        for what, key in (
+            ("an image (doc_to_visual)", "doc_to_visual"),
+            ("a question (doc_to_text)", "doc_to_text"),
+            ("a reference answer (doc_to_target)", "doc_to_target"),
+        )
+        if config.get(key) is None or config.get(key) == ""
+    ]
+    if lacks:
+        raise ForeignTaskError(f"--metrics emi: task {name} cannot give EMI {' or '.join(lacks)}")
     kwargs = _specific_kwargs(config)
     run.register_foreign(
         ForeignTask(

@@ -24,6 +24,7 @@ successful), and turns errors into one line and an exit status.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -92,11 +93,12 @@ class EvalRun:
             return
         self.registered = True
         run = session.current()
+        run.on_stop(self.fail)
         try:
             for name in self.plan.foreign:
                 foreign.register(run, manager, name)
         except LmmsEmiError as exc:
-            self._fail(exc)
+            self.fail(exc)
 
     def finish(self, results: dict[str, Any], results_file: Path | None) -> None:
         """After lmms-eval's evaluation (rank 0, results already saved): the run's records through the one
@@ -116,11 +118,22 @@ class EvalRun:
             opts.report_dir or (results_file.parent if results_file is not None else DEFAULT_OUTPUT)
         )
         metadata = {"model": model_name(self.model, self.model_args), "model_args": self.model_args}
+        processes = process_info(run)
         extra = {
             "options": opts.to_dict(),
             "added_tasks": self.plan.added if self.plan else [],
             "results_file": None if results_file is None else str(results_file),
+            **processes,
         }
+        resume = ""
+        if results_file is not None:
+            try:  # the responses on disk before any EMI computation: a failing EMI step loses no generation
+                write_sample_logs(run, results_file)
+                resume = f"; the responses are saved: finish with `lmms-emi analyze {results_file.parent}`"
+            except OSError as exc:
+                self.fail(_without_emi(exc, results_file))
+        for message in process_warnings(processes):
+            print(f"lmms-emi: warning: {message}", file=sys.stderr)
         try:
             analysis = run.finalize(metadata)
             run_id = (
@@ -135,14 +148,15 @@ class EvalRun:
                 final = rewrite_results_file(results_file, analysis, extra=extra, reports=reports)
                 _merge_metric_values(results, final)
         except Exception as exc:
-            self._fail(_without_emi(exc, results_file))
+            self.fail(_without_emi(exc, results_file, resume))
         self.final = final
         print(_summary(final))
+        print(f"lmms-emi: {processes_line(processes)}")
         print(f"lmms-emi: results {results_file}; reports in {report_dir}")
         for message in analysis.warnings:
             print(f"lmms-emi: warning: {message}", file=sys.stderr)
 
-    def _fail(self, exc: LmmsEmiError) -> NoReturn:
+    def fail(self, exc: LmmsEmiError) -> NoReturn:
         """Stop the run here (``SystemExit``: lmms-eval catches only ``Exception``, so nothing more runs);
         plain lmms-eval gets one line, the launcher raises ``exc`` itself (:func:`run_eval`)."""
         self.error = exc
@@ -154,7 +168,107 @@ class EvalRun:
 INCOMPLETE_SUFFIX = "_results.incomplete.json"
 
 
-def _without_emi(exc: Exception, results_file: Path | None) -> LmmsEmiError:
+def write_sample_logs(run: session.RunSession, results_file: Path) -> list[Path]:
+    """``<id>_samples_<task>.jsonl`` beside ``results_file`` (lmms-eval's sample-log format, what
+    ``lmms-emi analyze`` reads) for every EMI task of the run whose log lmms-eval did not write (no
+    ``--log_samples``); return the files written. Each line: ``doc_id``, ``target``, ``filtered_resps`` and
+    the EMI record under ``emi``, as a ``--log_samples`` line."""
+    from lmms_emi._io import atomic_write_text
+    from lmms_emi.metrics import RECORD_METRIC
+
+    run_id = results_file.name[: -len(RESULTS_SUFFIX)] if results_file.name.endswith(RESULTS_SUFFIX) else None
+    if run_id is None:
+        return []
+    written = []
+    for task in run.tasks():
+        path = results_file.with_name(f"{run_id}_samples_{task}.jsonl")
+        if path.exists():
+            continue
+        lines = [
+            json.dumps(
+                {
+                    "doc_id": r.get("doc_id"),
+                    "target": "" if r.get("reference") is None else str(r["reference"]),
+                    "filtered_resps": [r.get("response", "")],
+                    RECORD_METRIC: r,
+                },
+                ensure_ascii=False,
+                default=str,
+            )
+            for r in run.records(task)
+        ]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        written.append(path)
+    return written
+
+
+def _world_size() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_world_size())
+    except Exception:  # no usable torch.distributed: one process
+        pass
+    return 1
+
+
+def requested_processes(
+    environ: Mapping[str, str] | None = None, parent_cmdline: list[str] | None = None
+) -> tuple[int, str] | None:
+    """(N, what asked for it) when the launcher's environment asked for N processes: ``WORLD_SIZE``, else
+    ``--num_processes`` / ``--nproc_per_node`` of the parent command (``accelerate launch``, ``torchrun``;
+    ``accelerate launch --cpu`` starts one process whatever it is told); None when nothing says."""
+    env = os.environ if environ is None else environ
+    if env.get("WORLD_SIZE", "").strip().isdigit():
+        return int(env["WORLD_SIZE"]), "WORLD_SIZE"
+    if parent_cmdline is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+            parent_cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        except OSError:
+            parent_cmdline = []
+    for i, arg in enumerate(parent_cmdline):
+        for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node", "--num-processes"):
+            value = None
+            if arg == flag and i + 1 < len(parent_cmdline):
+                value = parent_cmdline[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+            if value is not None and value.strip().isdigit():
+                return int(value), f"the launcher's {flag}"
+    return None
+
+
+def process_info(run: session.RunSession) -> dict[str, Any]:
+    """The run's process count, what the launcher asked for, and the ranks whose samples reached rank 0."""
+    ranks = sorted({int(r["rank"]) for t in run.tasks() for r in run.records(t) if r.get("rank") is not None})
+    asked = requested_processes()
+    return {
+        "world_size": _world_size(),
+        "requested_processes": None if asked is None else asked[0],
+        "requested_by": None if asked is None else asked[1],
+        "sample_ranks": ranks,
+    }
+
+
+def processes_line(info: Mapping[str, Any]) -> str:
+    ranks = ", ".join(str(r) for r in info.get("sample_ranks", [])) or "none"
+    world = info.get("world_size", 1)
+    return f"{world} process{'es' if world != 1 else ''}; samples from rank(s) {ranks}"
+
+
+def process_warnings(info: Mapping[str, Any]) -> list[str]:
+    asked, world = info.get("requested_processes"), info.get("world_size", 1)
+    if asked is not None and asked > world:
+        return [
+            f"{asked} processes were asked for ({info.get('requested_by')}) but {world} ran "
+            "(`accelerate launch --cpu` starts one process; use torchrun on CPU)"
+        ]
+    return []
+
+
+def _without_emi(exc: Exception, results_file: Path | None, resume: str = "") -> LmmsEmiError:
     """The error of a failed EMI step. When the step could not publish its numbers (a write failed: a full
     disk), lmms-eval's results JSON (its EMI values still null) is first moved to
     ``<id>_results.incomplete.json``: no ``*_results.json`` is left half-published (the moved file keeps
@@ -173,7 +287,7 @@ def _without_emi(exc: Exception, results_file: Path | None) -> LmmsEmiError:
             message += f"; lmms-eval's results without the EMI numbers were moved to {aside}"
         except OSError:
             pass
-    error = RunFailedError(message)
+    error = RunFailedError(message + resume)
     error.exit_code = exc.exit_code if isinstance(exc, LmmsEmiError) else RunFailedError.exit_code
     return error
 

@@ -51,13 +51,7 @@ def build_include_dir(run_dir: Path, data: dict[str, LocalDataset], source: Path
 
 
 def foreign_task_yaml(task: str) -> str:
-    """Config merged by lmms-eval over a built-in task's own: EMI metrics instead of its (judge) metrics."""
-    fn = make_tasks.FN
-    return (
-        make_tasks.HEADER
-        + f"task: {task}\n"
-        + f"process_docs: {fn}.process_docs__{task}\n"
-        + f"process_results: {fn}.process_results\n"
-        + "metric_list:\n"
-        + make_tasks.metric_list_yaml()
-    )
+    """Config merged by lmms-eval over another task's own: only its ``process_docs`` (the EMI columns); its
+    own ``process_results`` and ``metric_list`` stay, and the EMI metrics are added beside them
+    (:mod:`lmms_emi.harness.patches`)."""
+    return make_tasks.HEADER + f"task: {task}\n" + f"process_docs: {make_tasks.FN}.process_docs__{task}\n"

@@ -41,11 +41,64 @@ def install_patches() -> None:
     built-in tasks and the user's ``--include_path``, so their names win) and registers ``--metrics emi``
     tasks; ``EvaluationTracker.save_results_aggregated`` finishes the run (``EvalRun.finish``) with the very
     results file it just wrote."""
+    from lmms_eval.api.task import ConfigurableTask
     from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
     from lmms_eval.tasks import TaskManager
 
     _wrap(TaskManager, "__init__", _task_manager_init)
     _wrap(EvaluationTracker, "save_results_aggregated", _save_results_aggregated)
+    _wrap(EvaluationTracker, "save_results_samples", _save_results_samples)
+    for name, make in (
+        ("process_results", _process_results),
+        ("aggregation", _aggregation),
+        ("higher_is_better", _higher_is_better),
+    ):
+        _wrap(ConfigurableTask, name, make)
+
+
+# ---------------------------------------------------------------- --metrics emi: EMI beside a task's own
+def _scored_here(task: Any) -> bool:
+    """Whether ``task`` (an lmms-eval task object) is one of the active run's ``--metrics emi`` tasks."""
+    prep = _ACTIVE
+    if prep is None or prep.plan is None or prep.plan.folder is None:
+        return False
+    return getattr(getattr(task, "config", None), "task", None) in prep.plan.foreign
+
+
+def _process_results(original: Any, signature: inspect.Signature) -> Any:
+    def process_results(self: Any, doc: Any, results: Any, *args: Any, **kwargs: Any) -> Any:
+        own = original(self, doc, results, *args, **kwargs)  # the task's own metrics, as without lmms-emi
+        if not _scored_here(self):
+            return own
+        from lmms_emi.harness import task_utils
+
+        return {**(own or {}), **task_utils.process_results(doc, results)}
+
+    return process_results
+
+
+def _aggregation(original: Any, signature: inspect.Signature) -> Any:
+    def aggregation(self: Any) -> Any:
+        own = original(self)
+        if not _scored_here(self):
+            return own
+        from lmms_emi.harness import task_utils
+
+        return {**own, **{m: getattr(task_utils, f"agg_{m}") for m in task_utils.METRIC_NAMES}}
+
+    return aggregation
+
+
+def _higher_is_better(original: Any, signature: inspect.Signature) -> Any:
+    def higher_is_better(self: Any) -> Any:
+        own = original(self)
+        if not _scored_here(self):
+            return own
+        from lmms_emi.metrics import TASK_METRICS
+
+        return {**own, **{m.name: m.higher_is_better for m in TASK_METRICS}}
+
+    return higher_is_better
 
 
 def _wrap(cls: type, name: str, make: Any) -> None:
@@ -90,13 +143,43 @@ def _save_results_aggregated(original: Any, signature: inspect.Signature) -> Any
             if claimed is not None and claimed.stat().st_size == 0:
                 claimed.unlink(missing_ok=True)  # our empty claim, never written
             raise
-        prep.finish(bound.arguments["results"], _written_results_file(self))
+        results_file = _written_results_file(self)
+        _save_samples_first(self, bound.arguments["results"], bound.arguments.get("samples"))
+        prep.finish(bound.arguments["results"], results_file)
         return out
 
     return save_results_aggregated
 
 
 RESULTS_SUFFIX = "_results.json"  # lmms-eval's <date id>_results.json
+_SAVED_ATTR = "_lmms_emi_saved_samples"  # tasks whose sample log a tracker wrote before the EMI step
+
+
+def _save_samples_first(tracker: Any, results: Any, samples: Any) -> None:
+    """With ``--log_samples``: lmms-eval's sample logs written now, before the EMI step (lmms-eval writes
+    them after ``save_results_aggregated``, so a failing EMI step would lose them); its own later call is
+    then skipped (:func:`_save_results_samples`). Without, :meth:`EvalRun.finish` writes the EMI records."""
+    if not samples or not tracker.output_path:
+        return
+    saved = getattr(tracker, _SAVED_ATTR, None)
+    if saved is None:
+        saved = set()
+        setattr(tracker, _SAVED_ATTR, saved)
+    for task_name in (results or {}).get("configs", {}):
+        if task_name in samples and task_name not in saved:
+            tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+            saved.add(task_name)
+
+
+def _save_results_samples(original: Any, signature: inspect.Signature) -> Any:
+    def save_results_samples(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        saved = getattr(self, _SAVED_ATTR, None)
+        if saved is not None and bound.arguments.get("task_name") in saved:
+            return None  # already written before the EMI step
+        return original(*bound.args, **bound.kwargs)
+
+    return save_results_samples
 
 
 def _claim_results_file(tracker: Any, datetime_str: str | None) -> Path | None:

@@ -92,8 +92,20 @@ class RunSession:
         checked = ready is not None and ready.embedder is not None  # the preflight resolved the estimator
         self._fixed: tuple[CLUB, EstimatorInfo] | bool | None = ready.estimator if checked else False
         self._filled: dict[tuple[str, int], str] = {}  # (task, doc_id) -> source of an answer not the model's
+        self._stop: Callable[[Exception], Any] | None = None
 
     # ------------------------------------------------------------------------------------------ load time
+    def on_stop(self, handler: Callable[[Exception], Any] | None) -> None:
+        """What :meth:`stop` calls (the launcher's: one line, then ``SystemExit`` past lmms-eval's handler)."""
+        self._stop = handler
+
+    def stop(self, error: Exception) -> None:
+        """Stop the run on a user error found inside lmms-eval (e.g. a task's columns, before generation)."""
+        handler = getattr(self, "_stop", None)
+        if handler is not None:
+            handler(error)
+        raise error
+
     def register_foreign(self, task: ForeignTask) -> None:
         with self._lock:
             self._foreign[task.name] = task
@@ -136,6 +148,7 @@ class RunSession:
             "question": str(question),
             "response": response,
             "reference": None if reference is None else str(reference),
+            "rank": _rank(),  # which process generated it (the results JSON's lmms_emi.sample_ranks)
         }
         if record["doc_id"] is not None:
             with self._lock:  # process_results runs in a thread pool
@@ -330,6 +343,14 @@ def with_task_notes(run: RunAnalysis, notes: Mapping[str, Sequence[str]]) -> Run
     run.singles = {k: noted(a) for k, a in run.singles.items()}
     run.warnings[:0] = [f"{task}: {note}" for task, task_notes in notes.items() for note in task_notes]
     return run
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _single_process() -> bool:

@@ -78,12 +78,51 @@ def process_results(doc: Mapping[str, Any], results: Sequence[Any]) -> dict[str,
     return {name: (record if name == RECORD_METRIC else small) for name in METRIC_NAMES}
 
 
+def missing_fields(foreign: session.ForeignTask, doc: Mapping[str, Any]) -> list[str]:
+    """What EMI needs that a foreign task's accessors cannot give for ``doc`` (an image, a question, a
+    reference answer), each with the reason."""
+    missing = []
+    for what, fn in (
+        ("an image (doc_to_visual)", foreign.doc_to_visual),
+        ("a question (doc_to_text)", foreign.doc_to_text),
+        ("a reference answer (doc_to_target)", foreign.doc_to_target),
+    ):
+        try:
+            value = fn(dict(doc))
+        except Exception as exc:
+            detail = f"column {exc.args[0]!r} not found" if isinstance(exc, KeyError) and exc.args else None
+            missing.append(f"{what}: {detail or f'{type(exc).__name__}: {exc}'}")
+            continue
+        if value is None or (isinstance(value, (list, tuple, str)) and not value):
+            missing.append(f"{what}: empty")
+    return missing
+
+
+def _check_foreign(task: str, foreign: session.ForeignTask, dataset: Any) -> None:
+    """One line naming the task and what it lacks, before any generation (the run stops there)."""
+    if len(dataset) == 0:
+        return
+    missing = missing_fields(foreign, dataset[0])
+    if not missing:
+        return
+    from lmms_emi.errors import UsageError
+
+    session.current().stop(
+        UsageError(
+            f"--metrics emi: task {task} cannot give EMI its inputs; missing {'; '.join(missing)} "
+            f"(its columns: {', '.join(getattr(dataset, 'column_names', []) or [])})"
+        )
+    )
+
+
 def _process_docs_for(task: str) -> Callable[[Any], Any]:
     def process_docs(dataset: Any) -> Any:
         run = session.current()
         foreign = run.foreign_task(task)
         if foreign is not None and foreign.process_docs is not None:
             dataset = foreign.process_docs(dataset)
+        if foreign is not None:
+            _check_foreign(task, foreign, dataset)
         return run.register_dataset(task, dataset)
 
     return process_docs

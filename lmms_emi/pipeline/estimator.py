@@ -1,6 +1,7 @@
 """The estimator policy of a run: a given checkpoint, a registered estimator (by name, or the one registered
 for the run's encoders), or one fitted on the run's pooled (query, response) and (query, reference) pairs
-(the paper's protocol; by default with early stopping on a held-out split)."""
+(the paper's protocol; by default the fast closed-form fit of :mod:`lmms_emi.estimators.club_fit`,
+``--estimator-fit paper`` for the paper's Adam recipe with early stopping on a held-out split)."""
 
 from __future__ import annotations
 
