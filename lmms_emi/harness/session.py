@@ -96,7 +96,7 @@ class RunSession:
 
     # ------------------------------------------------------------------------------------------ load time
     def on_stop(self, handler: Callable[[Exception], Any] | None) -> None:
-        """What :meth:`stop` calls (the launcher's: one line, then ``SystemExit`` past lmms-eval's handler)."""
+        """What :meth:`stop` calls (the launcher's: one line, then ``SystemExit`` past lmms-eval)."""
         self._stop = handler
 
     def stop(self, error: Exception) -> None:
