@@ -639,8 +639,11 @@ def test_leaderboard_on_a_full_disk_is_one_line(tmp_path, capsys, disk_full):
     assert not [p for p in board.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
-def _eval_args(world: dict, out: Path, *extra: str) -> list[str]:
-    replay = f"responses={world['demo'] / 'responses'},model_name=demo-model"
+def _eval_args(
+    world: dict, out: Path, *extra: str, responses: Path | None = None, strict: bool = True
+) -> list[str]:
+    replay = f"responses={responses or world['demo'] / 'responses'},model_name=demo-model"
+    replay += "" if strict else ",strict=false"
     args = [
         "eval",
         "--model",
@@ -941,24 +944,8 @@ def test_eval_with_a_response_file_three_lines_short_flags_the_task(world, tmp_p
     short = demo / "responses" / f"{SCENARIOS[0]}_demo-model.jsonl"
     short.write_text("".join(short.read_text().splitlines(keepends=True)[:-3]))
     out = tmp_path / "out"
-    replay = f"responses={demo / 'responses'},model_name=demo-model,strict=false"
-    args = [
-        "eval",
-        "--model",
-        "emi_replay",
-        "--model_args",
-        replay,
-        "--tasks",
-        "lbshift_syn_llava_bench_coco",
-    ]
-    args += [
-        "--data",
-        f"synthetic={world['demo'] / 'dataset'}",
-        *world["encoders"],
-        "--output_path",
-        str(out),
-    ]
-    args += ["--emi-cache", "off", "--estimator-steps", "30", "--bootstrap", "20", "--no_builtin_tasks"]
+    extra = ["--emi-cache", "off", "--estimator-steps", "30", "--bootstrap", "20", "--no_builtin_tasks"]
+    args = _eval_args(world, out, *extra, responses=demo / "responses", strict=False)
     assert main(args) == 0
     capsys.readouterr()
     (results,) = out.rglob("*_results.json")
