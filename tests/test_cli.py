@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -641,3 +642,56 @@ def test_light_commands_import_no_heavy_library(args):
     line = next(x for x in proc.stdout.splitlines() if x.startswith("HEAVY"))
     assert line == "HEAVY []", line
     assert "score" in proc.stdout or args != ["--help"]
+
+
+def _recorded_run(folder: Path, estimator: dict, options: dict | None = None) -> Path:
+    """A run folder as lmms-eval leaves it: ``<model>/<id>_results.json`` with the plugin's section."""
+    model_dir = folder / "demo-model"
+    model_dir.mkdir(parents=True)
+    recorded = {"encoders": "offline", "seed": 7, "bootstrap": 123, "device": "cuda:3", "data": ["x=y"]}
+    section = {"options": {**recorded, **(options or {})}, "estimator": estimator}
+    (model_dir / "20261206_000000_results.json").write_text(json.dumps({"lmms_emi": section}))
+    return model_dir
+
+
+def test_analyze_starts_from_what_the_run_recorded(tmp_path, monkeypatch):
+    """``analyze RUN`` takes the run's encoders, seed, bootstrap and estimator (by sha256) unless told
+    otherwise; machine settings (device, data paths) are not replayed; a changed checkpoint is one line."""
+    from lmms_emi.cli._options import add_emi_options, config_from
+    from lmms_emi.config import OPTIONS_VAR, EMIConfig
+    from lmms_emi.errors import UsageError
+    from lmms_emi.estimator_registry import file_sha256
+    from lmms_emi.sources.run_folder import recorded_options
+
+    for var in [v for v in os.environ if v.startswith("LMMS_EMI_") and v != "LMMS_EMI_REFERENCE_DIR"]:
+        monkeypatch.delenv(var)
+    ckpt = tmp_path / "club.safetensors"
+    ckpt.write_bytes(b"weights")
+    _recorded_run(
+        tmp_path / "run", {"source": "checkpoint", "path": str(ckpt), "sha256": file_sha256(ckpt)}
+    )
+    recorded = recorded_options(tmp_path / "run")
+    assert recorded == {"encoders": "offline", "seed": 7, "bootstrap": 123, "estimator": str(ckpt)}
+    base = EMIConfig.from_sources(environ={OPTIONS_VAR: json.dumps(recorded)})
+    parser = argparse.ArgumentParser()
+    add_emi_options(parser, EMIConfig.GROUPS)
+    config = config_from(parser.parse_args(["--bootstrap", "9"]), base=base)
+    assert (config.encoders, config.seed, config.bootstrap, config.device) == ("offline", 7, 9, None)
+    assert config.estimator.kind == "file" and config.estimator.path == ckpt
+
+    # a checkpoint recorded by a path relative to another folder is found beside the results JSON
+    moved = {"source": "checkpoint", "path": "elsewhere/" + ckpt.name, "sha256": file_sha256(ckpt)}
+    beside = _recorded_run(tmp_path / "run2", moved) / ckpt.name
+    beside.write_bytes(b"weights")
+    assert recorded_options(tmp_path / "run2")["estimator"] == str(beside)
+    # an estimator fitted on the run is fitted again (same seed and method: the same estimator)
+    _recorded_run(tmp_path / "run3", {"source": "fitted", "path": "x.safetensors", "sha256": "ab" * 32})
+    assert recorded_options(tmp_path / "run3")["estimator"] == "fit"
+    # a registered one by its name
+    _recorded_run(tmp_path / "run4", {"source": "registry", "name": "paper-global", "sha256": "cd" * 32})
+    assert recorded_options(tmp_path / "run4")["estimator"] == "paper-global"
+
+    ckpt.write_bytes(b"changed")  # the checkpoint the run used was replaced
+    with pytest.raises(UsageError, match=r"the run used the estimator .*club\.safetensors \(sha256 \w{12}\)"):
+        recorded_options(tmp_path / "run")
+    assert recorded_options(tmp_path / "nothing") is None

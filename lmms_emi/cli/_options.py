@@ -49,17 +49,17 @@ def add_output_options(p: argparse.ArgumentParser, *, required: bool, help: str)
     p.set_defaults(output_required=required)
 
 
-def config_from(ns: argparse.Namespace) -> EMIConfig:
-    """The run's configuration: defaults < ``$LMMS_EMI_OPTIONS`` < ``LMMS_EMI_<NAME>`` < flags. Also checks
-    ``--output-path`` (given when required) and hands ``--judge-api-key`` to this process and its children
-    through the environment (never through the config)."""
+def config_from(ns: argparse.Namespace, *, base: EMIConfig | None = None) -> EMIConfig:
+    """The run's configuration: defaults (or ``base``) < ``$LMMS_EMI_OPTIONS`` < ``LMMS_EMI_<NAME>`` < flags.
+    Also checks ``--output-path`` (given when required) and hands ``--judge-api-key`` to this process and its
+    children through the environment (never through the config)."""
     if getattr(ns, "old_output", None):
         warn_deprecated("--output", "--output-path")
         ns.output_path = ns.output_path or ns.old_output
     if getattr(ns, "output_required", False) and not ns.output_path:
         raise UsageError("--output-path is required")
     export_judge_key(ns)
-    return EMIConfig.from_sources(ns)
+    return EMIConfig.from_sources(ns, base=base)
 
 
 def export_judge_key(ns: argparse.Namespace) -> None:

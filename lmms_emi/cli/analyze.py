@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,9 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from lmms_emi.config import OPTIONS_VAR, EMIConfig
     from lmms_emi.pipeline.preflight import preflight
+    from lmms_emi.sources.run_folder import recorded_options
 
-    config = config_from(ns)
+    recorded = recorded_options(ns.run_dir)  # the run's own analysis options: the defaults here
+    base = None if recorded is None else EMIConfig.from_sources(environ={OPTIONS_VAR: json.dumps(recorded)})
+    config = config_from(ns, base=base)
     out = Path(ns.output_path) if ns.output_path else Path(ns.run_dir) / "emi_report"
     ready = preflight(config, outputs={"--output-path": out}, inputs={"RUN_DIR": ns.run_dir})
     return _run(ns, ready, out)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from lmms_emi import scenarios as sc
 from lmms_emi.errors import UsageError
+from lmms_emi.estimator_registry import file_sha256
 from lmms_emi.judge import Judgment
 from lmms_emi.metrics import RECORD_METRIC
 from lmms_emi.pipeline.records import Sample
@@ -222,3 +223,66 @@ def _logged_judgments(task: str, rows: list[dict[str, Any]]) -> tuple[list[Judgm
                 Judgment(task, r["doc_id"], error=f"lmms-eval's judge failed (scores {scores})", source="log")
             )
     return out, None
+
+
+#: What a run recorded (``lmms_emi.options`` in its results JSON) that describes its analysis rather than the
+#: machine it ran on: ``lmms-emi analyze`` starts from these (flags and ``LMMS_EMI_*`` still override).
+REPLAYED_OPTIONS = (
+    "encoders",
+    "vision_encoder",
+    "text_encoder",
+    "text_layer",
+    "estimator_steps",
+    "estimator_patience",
+    "estimator_fit",
+    "seed",
+    "bootstrap",
+    "confidence",
+    "entropy_scale",
+    "id_task",
+    "judge",
+    "judge_model",
+    "judge_base_url",
+)
+
+
+def recorded_options(run_dir: str | Path) -> dict[str, Any] | None:
+    """The analysis options the run folder's latest results JSON recorded (:data:`REPLAYED_OPTIONS`, plus
+    ``estimator`` when the estimator it used is still there unchanged), or None when it recorded none.
+
+    The estimator is found by what the run recorded: a registered name; else its checkpoint file (the
+    recorded path, or the same name beside the results JSON) when its sha256 is the recorded one, and a
+    checkpoint that is missing or changed is one :class:`UsageError` line. An estimator the run fitted on its
+    own pairs is fitted again on the same pairs with the recorded seed and method (deterministic: the same
+    estimator, still marked as fitted on the run)."""
+    root = Path(run_dir)
+    files = sorted(root.rglob("*_results.json")) if root.is_dir() else []
+    if not files:
+        return None
+    try:
+        data = json.loads(files[-1].read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # read_run reports a broken results file in one line
+    section = data.get("lmms_emi") if isinstance(data, dict) else None
+    options = section.get("options") if isinstance(section, dict) else None
+    if not isinstance(options, dict):
+        return None
+    out = {k: options[k] for k in REPLAYED_OPTIONS if k in options}
+    est = section.get("estimator") or {}
+    if est.get("source") == "fitted":
+        out["estimator"] = "fit"
+        return out
+    if est.get("name"):
+        out["estimator"] = est["name"]
+        return out
+    path, sha = est.get("path"), est.get("sha256")
+    if path and sha:
+        for candidate in (Path(path), files[-1].parent / Path(path).name):
+            if candidate.is_file() and file_sha256(candidate) == sha:
+                out["estimator"] = str(candidate)
+                return out
+        raise UsageError(
+            f"{files[-1].name}: the run used the estimator {path} (sha256 {sha[:12]}), which is missing "
+            "or changed; give the estimator with --estimator"
+        )
+    return out
