@@ -418,21 +418,12 @@ def test_eval_refuses_bad_options_before_any_generation(world, tmp_path, capsys,
     (tmp_path / "FILE").write_text("x")
     option = [str(tmp_path / o) if o.startswith("FILE") else o for o in option]
     message = message.replace("FILE", str(tmp_path / "FILE"))
-    replay = f"responses={world['demo'] / 'responses'},model_name=demo-model"
-    args = [
-        "eval",
-        "--model",
-        "emi_replay",
-        "--model_args",
-        replay,
-        "--tasks",
-        "lbshift_syn_llava_bench_coco",
-    ]
-    args += ["--data", f"synthetic={world['demo'] / 'dataset'}", *world["encoders"]]
-    if "--output_path" not in option:
-        args += ["--output_path", str(tmp_path / "out")]
+    if option[0] == "--output_path":
+        args = _eval_args(world, Path(option[1]))
+    else:
+        args = _eval_args(world, tmp_path / "out", *option)
     start = time.perf_counter()
-    assert main([*args, *option]) == 2
+    assert main(args) == 2
     assert message in _one_error_line(capsys.readouterr().err, "eval")
     assert time.perf_counter() - start < 30 and not (tmp_path / "out").exists()
 
