@@ -21,7 +21,7 @@ PREFIX = "LMMS_EMI_"
 #: Variables that are not options of a run: name -> what it does.
 SETTINGS: dict[str, str] = {
     "LMMS_EMI_OPTIONS": "every option of a run as one JSON object (keys: the option names below, lower case)",
-    "LMMS_EMI_HOOK": "plain lmms-eval hook: 0 off, force also on untested lmms-eval versions",
+    "LMMS_EMI_HOOK": "plain lmms-eval hook: 0 off; force: hook and eval also on untested lmms-eval",
     "LMMS_EMI_DEBUG": "1: errors show their traceback instead of one line",
     "LMMS_EMI_JUDGE_API_KEY": "the judge's API key (else $OPENAI_API_KEY); never written to results",
     "LMMS_EMI_ESTIMATOR_DIR": "a folder of estimator files placed by hand (offline machines)",

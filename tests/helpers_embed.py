@@ -116,6 +116,12 @@ def save_tiny_clip_vision(path: Path, *, hidden: int = 32, image_size: int = 32,
     return path
 
 
+def tiny_encoder_flags(vision: Path, text: Path) -> list[str]:
+    """The score / analyze / eval flags that select a tiny CLIP vision folder and a tiny XLM-R folder (the
+    embedding layer, as the paper's features)."""
+    return ["--vision-encoder", f"hf-clip:{vision}", "--text-encoder", f"hf-text:{text}", "--text-layer", "0"]
+
+
 def save_tiny_clip_full(path: Path, *, hidden: int = 32, image_size: int = 32, seed: int = 1) -> Path:
     """Tiny random full ``CLIPModel`` (text + vision towers): the vision tower is read from it."""
     from transformers import CLIPConfig, CLIPModel

@@ -30,12 +30,12 @@ LEGACY_FAST = ["--cache-dir", "off", "--steps", "40", "--bootstrap", "20", "-q"]
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory) -> list[str]:
     """CLI flags for tiny random-weight CLIP-vision / XLM-R encoders saved to disk (real loading code)."""
-    from helpers_embed import save_tiny_clip_vision, save_tiny_xlmr
+    from helpers_embed import save_tiny_clip_vision, save_tiny_xlmr, tiny_encoder_flags
 
     root = tmp_path_factory.mktemp("encoders")
     vision = save_tiny_clip_vision(root / "clip")
     text = save_tiny_xlmr(root / "xlmr")
-    return ["--vision-encoder", f"hf-clip:{vision}", "--text-encoder", f"hf-text:{text}", "--text-layer", "0"]
+    return tiny_encoder_flags(vision, text)
 
 
 @pytest.fixture(scope="module")

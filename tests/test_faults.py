@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lmms_emi import lmms_eval_compat
 from lmms_emi.errors import ReplayError
 
 
@@ -112,7 +113,7 @@ STEPS += ["--estimator-fit", "paper"]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    from helpers_embed import save_tiny_clip_vision, save_tiny_xlmr
+    from helpers_embed import save_tiny_clip_vision, save_tiny_xlmr, tiny_encoder_flags
 
     from lmms_emi.cli import main
 
@@ -120,14 +121,7 @@ def world(tmp_path_factory) -> dict:
     vision, text = save_tiny_clip_vision(root / "clip"), save_tiny_xlmr(root / "xlmr")
     args = ["demo-data", str(root / "demo"), "--scenarios", *SCENARIOS, "--n-images", "6"]
     assert main([*args, "--questions-per-image", "3"]) == 0
-    encoders = [
-        "--vision-encoder",
-        f"hf-clip:{vision}",
-        "--text-encoder",
-        f"hf-text:{text}",
-        "--text-layer",
-        "0",
-    ]
+    encoders = tiny_encoder_flags(vision, text)
     return {"root": root, "demo": root / "demo", "encoders": encoders}
 
 
@@ -729,7 +723,7 @@ def test_plain_lmms_eval_stops_on_a_malformed_option_variable(monkeypatch, capsy
     from lmms_emi.harness import hook
 
     monkeypatch.setattr(hook, "_status", None)
-    monkeypatch.setattr(hook, "_lmms_eval_version", lambda: "0.7.3")
+    monkeypatch.setattr(lmms_eval_compat, "installed_version", lambda: "0.7.3")
     monkeypatch.setenv(variable, value)
     argv = ["lmms-eval", "--model", "emi_replay", "--tasks", "lbshift_syn_llava_bench_coco"]
     with pytest.raises(SystemExit) as stop:
@@ -960,17 +954,7 @@ def test_eval_with_a_malformed_response_file_is_one_line_without_a_traceback(wor
     shutil.copytree(world["demo"] / "responses", responses)
     bad = responses / f"{SCENARIOS[0]}_demo-model.jsonl"
     bad.write_text(bad.read_text().splitlines()[0] + "\n{oops\n")
-    replay = f"responses={responses},model_name=demo-model"
-    args = [
-        "eval",
-        "--model",
-        "emi_replay",
-        "--model_args",
-        replay,
-        "--tasks",
-        "lbshift_syn_llava_bench_coco",
-    ]
-    args += ["--data", f"synthetic={world['demo'] / 'dataset'}", *world["encoders"], "--no_builtin_tasks"]
-    assert main([*args, "--output_path", str(tmp_path / "out"), "--emi-cache", "off"]) == 2
+    extra = ["--no_builtin_tasks", "--emi-cache", "off"]
+    assert main(_eval_args(world, tmp_path / "out", *extra, responses=responses)) == 2
     line = _one_error_line(capsys.readouterr().err, "eval")
     assert f"{bad.name}:2: invalid JSON" in line

@@ -56,21 +56,21 @@ def test_task_yamls_match_generator(tmp_path: Path) -> None:
 
 
 def test_task_index_and_configs() -> None:
-    from lmms_eval.tasks import TaskManager
+    from lmms_emi.lmms_eval_compat import task_config, task_manager_class
 
-    tm = TaskManager(include_defaults=False, include_path=str(paths.tasks_dir()))
+    tm = task_manager_class()(include_defaults=False, include_path=str(paths.tasks_dir()))
     expected_tasks = {s.task for b in sc.TASK_PREFIX for s in sc.scenarios(b)}
     assert set(tm.all_subtasks) == expected_tasks
     assert set(tm.all_groups) == set(make_tasks.all_group_names())
-    cfg = tm._get_config("lbshift_nat_llava_bench_in_the_wild_hard_Korean")
+    cfg = task_config(tm, "lbshift_nat_llava_bench_in_the_wild_hard_Korean")
     assert cfg["dataset_path"] == sc.NATURAL_DATASET
     assert cfg["test_split"] == "llava_bench_in_the_wild_hard_Korean"
     assert cfg["generation_kwargs"]["do_sample"] is False and cfg["generation_kwargs"]["max_new_tokens"] > 0
     assert cfg["process_docs"].__name__ == "process_docs__lbshift_nat_llava_bench_in_the_wild_hard_Korean"
     assert [m["metric"] for m in cfg["metric_list"]] == [m.name for m in TASK_METRICS]
-    group = tm._get_config("llavabench_shift_synthetic")
+    group = task_config(tm, "llavabench_shift_synthetic")
     assert group["task"][0] == sc.id_scenario("synthetic").task
-    sub = tm._get_config("llavabench_shift_synthetic_joint")
+    sub = task_config(tm, "llavabench_shift_synthetic_joint")
     assert len(sub["task"]) == 24 and all(sc.scenario_for_task(t).shift_kind == "joint" for t in sub["task"])
 
 
@@ -186,11 +186,11 @@ def test_set_arg() -> None:
 def test_describe_error_messages() -> None:
     try:
         try:
-            raise ValueError("Tasks not found: foo, bar. Try `lmms-eval --tasks {list_groups}`")
-        except ValueError as inner:
+            raise UsageError("task 'x' has no images")
+        except UsageError as inner:
             raise RuntimeError("wrapped") from inner
     except RuntimeError as exc:
-        assert launch.describe_error(exc) == "unknown task(s): foo, bar; see `lmms-emi eval --tasks list`"
+        assert launch.describe_error(exc) == "task 'x' has no images"  # the user's error, found in the chain
     assert launch.describe_error(ValueError("task 'x' has 1 sample(s)")) == "task 'x' has 1 sample(s)"
     assert launch.describe_error(KeyError("k")) == "KeyError: 'k'"
 

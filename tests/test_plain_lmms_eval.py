@@ -80,6 +80,7 @@ _GUARD = """
 import contextlib, io, json, sys, time
 t = time.perf_counter()
 from lmms_emi.harness import hook
+from lmms_emi import lmms_eval_compat
 out = {}
 
 def case(name, tasks, *extra, env=None, version=None):
@@ -87,7 +88,7 @@ def case(name, tasks, *extra, env=None, version=None):
     os.environ.update(env or {})
     hook._status = None
     if version:
-        hook._lmms_eval_version = lambda: version
+        lmms_eval_compat.installed_version = lambda: version
     argv = ["lmms-eval", "--model", "dummy", "--tasks", tasks, *extra]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -112,7 +113,7 @@ out["idle_imports"] = [m for m in ("torch", "lmms_emi.harness.launch", "lmms_emi
 case("idle", "mme,ocrbench")
 case("off", GROUP, "--metrics", "emi", env={"LMMS_EMI_HOOK": "0"})
 case("untested", GROUP, "--metrics", "emi", version="9.9.9")
-hook._lmms_eval_version = lambda: "0.7.3"
+lmms_eval_compat.installed_version = lambda: "0.7.3"
 case("error", "lbshift_nat_nope")
 case("active", OOD, "--metrics", "emi", env={"LMMS_EMI_ENCODERS": "offline"})
 from lmms_emi.harness import launch
@@ -152,7 +153,7 @@ def test_hook_untested_lmms_eval_version_warns_once_and_patches_nothing(guard: d
     got = guard["untested"]
     assert got["status"] == ["untested", "again"] and got["patched"] == [False, False]
     assert len(got["stderr"]) == 1 and "lmms-eval 9.9.9" in got["stderr"][0]
-    assert "lmms-emi eval" in got["stderr"][0] and "--metrics" in got["argv"]
+    assert "LMMS_EMI_HOOK=force" in got["stderr"][0] and "--metrics" in got["argv"]
 
 
 def test_hook_user_error_is_one_line(guard: dict) -> None:

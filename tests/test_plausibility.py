@@ -366,7 +366,7 @@ def test_the_fitted_estimator_is_named_as_such(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A demo dataset, tiny encoders and their spec: what `lmms-emi score` needs offline."""
-    from helpers_embed import save_tiny_clip_vision, save_tiny_xlmr
+    from helpers_embed import save_tiny_clip_vision, save_tiny_xlmr, tiny_encoder_flags
 
     from lmms_emi.cli import main
     from lmms_emi.embed import Embedder
@@ -375,14 +375,7 @@ def tiny_run(tmp_path_factory):
     vision, text = save_tiny_clip_vision(root / "clip"), save_tiny_xlmr(root / "xlmr")
     scenarios = ["llava_bench_coco", "llava_bench_coco_sr_7"]
     assert main(["demo-data", str(root / "demo"), "--scenarios", *scenarios, "--n-images", "3"]) == 0
-    flags = [
-        "--vision-encoder",
-        f"hf-clip:{vision}",
-        "--text-encoder",
-        f"hf-text:{text}",
-        "--text-layer",
-        "0",
-    ]
+    flags = tiny_encoder_flags(vision, text)
     embedder = Embedder(vision=f"hf-clip:{vision}", text=f"hf-text:{text}", text_layer=0, cache_dir=False)
     data = ["--dataset", str(root / "demo" / "dataset"), "--responses", str(root / "demo" / "responses")]
     return {

@@ -354,14 +354,12 @@ def test_failing_emi_step_loses_no_generation(user: dict[str, Any], log_samples:
     ]  # fmt: skip
     extra = ["--log_samples"] if log_samples else []
     env = _env(LMMS_EMI_DATA=f"natural={user['data']}")
+    def lmms_eval(out: Path, environ: dict[str, str]) -> subprocess.CompletedProcess:
+        args = [*base, *extra, "--output_path", str(out)]
+        return subprocess.run(args, cwd=user["root"], env=environ, capture_output=True, text=True)
+
     whole = user["root"] / f"whole_{log_samples}"
-    proc = subprocess.run(
-        [*base, *extra, "--output_path", str(whole)],
-        cwd=user["root"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    proc = lmms_eval(whole, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     expected = _results(whole)
 
@@ -371,13 +369,7 @@ def test_failing_emi_step_loses_no_generation(user: dict[str, Any], log_samples:
         "LMMS_EMI_TEST_FAIL_EMI": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
     }
-    proc = subprocess.run(
-        [*base, *extra, "--output_path", str(broken)],
-        cwd=user["root"],
-        env=failing,
-        capture_output=True,
-        text=True,
-    )
+    proc = lmms_eval(broken, failing)
     assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("lmms-emi: error:")]
     assert len(lines) == 1 and "injected estimator failure" in lines[0], proc.stderr[-3000:]

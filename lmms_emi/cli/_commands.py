@@ -4,9 +4,10 @@ lmms-eval), is imported only when that subcommand runs or shows its own help."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
-__all__ = ["COMMANDS", "Command"]
+__all__ = ["COMMANDS", "Command", "subcommand_parser"]
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,12 @@ COMMANDS: dict[str, Command] = {
         "list the registered pre-trained estimators (--estimator NAME) and where they are on this machine",
     ),
 }
+
+
+def subcommand_parser(
+    sub: argparse._SubParsersAction, name: str, details: str = ""
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: its one-line help from :data:`COMMANDS`, which its description
+    repeats before ``details`` (e.g. ``". Each run is ..."``)."""
+    help_line = COMMANDS[name].help
+    return sub.add_parser(name, help=help_line, description=help_line + details)

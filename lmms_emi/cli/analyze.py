@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmms_emi.cli._commands import COMMANDS
+from lmms_emi.cli._commands import subcommand_parser
 from lmms_emi.cli._options import add_emi_options, add_output_options, config_from
 from lmms_emi.metrics import RECORD_METRIC
 
@@ -16,14 +16,13 @@ if TYPE_CHECKING:  # imported where used: `analyze --help` starts without torch
     from lmms_emi.pipeline.preflight import Ready
 
 NAME = "analyze"
-HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = subcommand_parser(
+        sub,
         NAME,
-        help=HELP,
-        description="Post-hoc report of an lmms-eval run: the per-sample records stored under the metric key "
+        ". Post-hoc report of an lmms-eval run: the per-sample records stored under the metric key "
         "of *_samples_<task>.jsonl plus the images read back from each task's dataset (as configured in the "
         "results JSON, or --dataset). Judge scores of lmms-eval's llava-bench style metrics in the same logs "
         "(gpt_eval_llava_*) give win rates and their agreement with EMI; --judge scores the rest.",

@@ -6,20 +6,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmms_emi.cli._commands import COMMANDS
+from lmms_emi.cli._commands import subcommand_parser
 from lmms_emi.cli._options import add_emi_options, config_from
 from lmms_emi.errors import EXIT_OK
 
 NAME = "compare"
-HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = subcommand_parser(
+        sub,
         NAME,
-        help=HELP,
-        description=HELP
-        + ". Each run is an lmms-eval results JSON (*_results.json) with its saved embeddings beside it. "
+        ". Each run is an lmms-eval results JSON (*_results.json) with its saved embeddings beside it. "
         "Both are scored with one estimator: the runs' own when it is the same by content, else the one "
         "given with --estimator (e.g. the leaderboard_club.safetensors that `lmms-emi leaderboard "
         "--common-estimator` saves).",

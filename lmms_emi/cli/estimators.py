@@ -6,18 +6,17 @@ import argparse
 import json
 
 from lmms_emi import estimator_registry as registry
-from lmms_emi.cli._commands import COMMANDS
+from lmms_emi.cli._commands import subcommand_parser
 from lmms_emi.errors import EXIT_OK, LmmsEmiError, one_line
 
 NAME = "estimators"
-HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = subcommand_parser(
+        sub,
         NAME,
-        help=HELP,
-        description=HELP + f". Files are looked up in ${registry.DIR_ENV}, beside the registry, then in the "
+        f". Files are looked up in ${registry.DIR_ENV}, beside the registry, then in the "
         f"cache (${registry.CACHE_ENV}, else $XDG_CACHE_HOME/lmms_emi/estimators, else "
         "~/.cache/lmms_emi/estimators); a missing one is downloaded there on first use.",
     )

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from lmms_emi.cli._commands import COMMANDS
 from lmms_emi.cli._options import add_emi_options, config_from
 from lmms_emi.config import EMIConfig
 from lmms_emi.errors import EXIT_OK
 
 NAME = "eval"
-HELP = COMMANDS[NAME].help
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,22 +9,20 @@ import sys
 from pathlib import Path
 
 from lmms_emi._io import ensure_writable_dir
-from lmms_emi.cli._commands import COMMANDS
+from lmms_emi.cli._commands import subcommand_parser
 from lmms_emi.cli._options import add_emi_options, config_from
 from lmms_emi.errors import EXIT_OK, UsageError
 from lmms_emi.leaderboard import DEFAULT_SORT, build_leaderboard, write_leaderboard
 from lmms_emi.leaderboard.render import check_targets
 
 NAME = "leaderboard"
-HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = subcommand_parser(
+        sub,
         NAME,
-        help=HELP,
-        description=HELP
-        + ": lmms-eval results JSON files (*_results.json) or folders holding them (searched recursively; a "
+        ": lmms-eval results JSON files (*_results.json) or folders holding them (searched recursively; a "
         "results file there without EMI, e.g. of a killed run, is skipped with a note).",
     )
     p.add_argument("inputs", nargs="*", metavar="RUN_OR_RESULTS", help="results JSON files or run folders")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmms_emi import scenarios as sc
-from lmms_emi.cli._commands import COMMANDS
+from lmms_emi.cli._commands import subcommand_parser
 from lmms_emi.cli._options import add_emi_options, add_output_options, config_from
 from lmms_emi.errors import UsageError
 
@@ -16,11 +16,10 @@ if TYPE_CHECKING:  # imported where used: `score --help` starts without torch
     from lmms_emi.pipeline.preflight import Ready
 
 NAME = "score"
-HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(NAME, help=HELP, description=HELP)
+    p = subcommand_parser(sub, NAME)
     p.add_argument(
         "--dataset",
         help="hub id or local path (save_to_disk folder or parquet files); default: the benchmark's hub "

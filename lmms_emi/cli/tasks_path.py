@@ -10,17 +10,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmms_emi.cli._commands import COMMANDS
+from lmms_emi.cli._commands import subcommand_parser
 from lmms_emi.errors import EXIT_OK, UsageError
 from lmms_emi.harness.overrides import build_include_dir, parse_data_args
 from lmms_emi.paths import tasks_dir
 
 NAME = "tasks-path"
-HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(NAME, help=HELP, description=HELP)
+    p = subcommand_parser(sub, NAME)
     p.add_argument(
         "--data",
         action="append",

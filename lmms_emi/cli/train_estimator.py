@@ -12,19 +12,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lmms_emi.cli._commands import COMMANDS
+from lmms_emi.cli._commands import subcommand_parser
 from lmms_emi.cli._options import add_emi_options, add_output_options, config_from
 from lmms_emi.errors import EXIT_OK, UsageError
 
 NAME = "train-estimator"
-HELP = COMMANDS[NAME].help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = subcommand_parser(
+        sub,
         NAME,
-        help=HELP,
-        description="Pools the (query, response) and (query, reference) pairs of every task of every run "
+        ". Pools the (query, response) and (query, reference) pairs of every task of every run "
         "(all embedded with the same encoders), fits one CLUB and saves it with a manifest. Score every "
         "model of a leaderboard with this one checkpoint (--estimator) to make their EMI comparable.",
     )

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lmms_emi import lmms_eval_compat as compat
 from lmms_emi.errors import UsageError
 from lmms_emi.harness import overrides
 from lmms_emi.harness.session import ForeignTask, RunSession
@@ -35,9 +36,7 @@ def _field(
             return lambda doc: value(doc, dict(kwargs))
         return lambda doc: value(doc)
     if isinstance(value, str):
-        from lmms_eval.utils import apply_template
-
-        return lambda doc: doc[value] if value in doc else apply_template(value, doc)
+        return lambda doc: doc[value] if value in doc else compat.render_template(value, doc)
     raise ForeignTaskError(f"--metrics emi: task {task} has no usable {what}")
 
 
@@ -65,9 +64,9 @@ def register(run: RunSession, task_manager: Any, name: str) -> None:
     """Register task ``name``'s accessors with the run session (raises ForeignTaskError when not scorable)."""
     if name not in task_manager.all_tasks:
         raise ForeignTaskError(f"unknown task {name!r}; see `lmms-emi eval --tasks list`")
-    if not task_manager._name_is_task(name):
+    if compat.task_kind(task_manager, name) != "task":
         raise ForeignTaskError(f"--metrics emi: {name} is a group or tag; list its tasks instead")
-    config = task_manager._get_config(name)
+    config = compat.task_config(task_manager, name)
     if config.get("output_type", "generate_until") != "generate_until":
         raise ForeignTaskError(f"--metrics emi: task {name} is not a generation task")
     lacks = [

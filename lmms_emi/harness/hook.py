@@ -19,9 +19,9 @@ lmms_eval``) that names a plugin task or group (wildcards too), a task listing, 
 
 Guards: a command naming no plugin task, no listing and no ``--metrics`` is left alone (nothing imported
 beyond the task names, nothing patched); ``LMMS_EMI_HOOK=0`` turns the hook off; an lmms-eval version outside
-:data:`TESTED_LMMS_EVAL` gets one warning and nothing patched (``lmms-emi eval`` still works;
-``LMMS_EMI_HOOK=force`` patches anyway); a second call in a process does nothing, and the patches mark the
-wrapped methods so a second copy never wraps twice.
+:data:`lmms_emi.lmms_eval_compat.TESTED_MINOR` gets one warning and nothing patched (``lmms-emi eval``
+refuses it the same way; ``LMMS_EMI_HOOK=force`` patches anyway); a second call in a process does nothing,
+and the patches mark the wrapped methods so a second copy never wraps twice.
 
 Options of a plain run come from the environment (:meth:`lmms_emi.config.EMIConfig.from_sources`): every
 option as ``LMMS_EMI_<NAME>`` (e.g. ``LMMS_EMI_DATA="synthetic=PATH,natural=PATH"``, local dataset copies
@@ -38,14 +38,14 @@ import shutil
 import sys
 from typing import Any
 
+from lmms_emi import lmms_eval_compat as compat
 from lmms_emi.environment import getenv
 from lmms_emi.harness import argv as lmms_argv
 from lmms_emi.harness import make_tasks, replay
 
-__all__ = ["SWITCH_VAR", "TESTED_LMMS_EVAL", "install", "model_manifests"]
+__all__ = ["SWITCH_VAR", "install", "model_manifests"]
 
-SWITCH_VAR = "LMMS_EMI_HOOK"  # "0" off, "force" also on untested lmms-eval versions
-TESTED_LMMS_EVAL = ("0.7.3",)
+SWITCH_VAR = "LMMS_EMI_HOOK"  # "0" off, "force" also on untested lmms-eval versions (hook and launcher)
 _OFF = ("0", "off", "false", "no")
 
 _status: str | None = None  # what the hook did in this process (None: not called yet)
@@ -67,14 +67,9 @@ def install(argv: list[str] | None = None, *, in_cli: bool | None = None) -> str
     global _status
     if _status is not None:
         return "again"
-    _status = _install(sys.argv if argv is None else argv, _in_lmms_eval_cli() if in_cli is None else in_cli)
+    in_cli = compat.cli_is_importing() if in_cli is None else in_cli
+    _status = _install(sys.argv if argv is None else argv, in_cli)
     return _status
-
-
-def _in_lmms_eval_cli() -> bool:
-    """True while ``lmms_eval.__main__`` is being imported (its CLI loads the models before parsing)."""
-    main = sys.modules.get("lmms_eval.__main__")
-    return main is not None and not hasattr(main, "cli_evaluate")
 
 
 def _install(argv: list[str], in_cli: bool) -> str:
@@ -92,14 +87,9 @@ def _install(argv: list[str], in_cli: bool) -> str:
         return _exit(str(exc), 2)
     if metrics is None and not _names_plugin_task(args):
         return "idle"
-    version = _lmms_eval_version()
-    if version not in TESTED_LMMS_EVAL and switch != "force":
-        print(
-            f"lmms-emi: warning: lmms-eval {version} is not a version the lmms-emi hook was tested with "
-            f"({', '.join(TESTED_LMMS_EVAL)}): nothing patched, so plain lmms-eval does not see the EMI "
-            "tasks or --metrics; use `lmms-emi eval ...` (or LMMS_EMI_HOOK=force)",
-            file=sys.stderr,
-        )
+    refused = compat.version_gate("nothing patched, so lmms-eval does not see the EMI tasks")
+    if refused is not None:
+        print(f"lmms-emi: warning: {refused}", file=sys.stderr)
         return "untested"
 
     from lmms_emi._io import scratch_dir
@@ -141,12 +131,3 @@ def _names_plugin_task(args: list[str]) -> bool:
         or ("*" in n and any(fnmatch.fnmatchcase(o, n) for o in ours))
         for n in names
     )
-
-
-def _lmms_eval_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lmms_eval")
-    except PackageNotFoundError:
-        return "unknown"

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lmms_emi import lmms_eval_compat as compat
 from lmms_emi._io import os_error_of, scratch_dir
 from lmms_emi.config import EMIConfig
 from lmms_emi.errors import EXIT_OK, LmmsEmiError, RunFailedError, UsageError, one_line
@@ -88,10 +89,16 @@ class EvalRun:
     error: BaseException | None = None
 
     def task_manager_built(self, manager: Any) -> None:
-        """Register the ``--metrics emi`` tasks on the run's own TaskManager (once)."""
-        if self.registered or self.plan is None or not self.plan.foreign or self.plan.folder is None:
+        """On the run's own TaskManager (once): every task the run names must be indexed (one line naming
+        the unknown ones, before lmms-eval loads anything), then the ``--metrics emi`` tasks registered."""
+        if self.registered or self.plan is None:
             return
         self.registered = True
+        unknown = compat.unknown_tasks(manager, self.plan.tasks)
+        if unknown:
+            self.fail(UsageError(f"unknown task(s): {', '.join(unknown)}; see `lmms-emi eval --tasks list`"))
+        if not self.plan.foreign or self.plan.folder is None:
+            return
         run = session.current()
         run.on_stop(self.fail)
         try:
@@ -419,15 +426,12 @@ def _space_needs(
 
 # ------------------------------------------------------------------------------------------- lmms-eval
 def _call_lmms_eval(lmms_args: list[str]) -> tuple[dict | None, BaseException | None]:
-    """Run ``lmms_eval.__main__.cli_evaluate`` here on ``lmms_args``; (results on rank 0, exception)."""
-    import lmms_eval.__main__ as lmms_main
-
+    """Run lmms-eval's CLI here on ``lmms_args``; (results on rank 0, exception)."""
     captured: dict[str, Any] = {}
-    original = lmms_main.cli_evaluate_single
 
-    def recording(args: argparse.Namespace) -> Any:
+    def recording(evaluate: Any, args: argparse.Namespace) -> Any:
         try:
-            out = original(args)
+            out = evaluate(args)
         except Exception as exc:
             captured["error"] = exc
             if user_error(exc) is not None:
@@ -438,16 +442,10 @@ def _call_lmms_eval(lmms_args: list[str]) -> tuple[dict | None, BaseException | 
         captured["results"] = out[0] if isinstance(out, tuple) else out
         return out
 
-    saved_argv = sys.argv
-    lmms_main.cli_evaluate_single = recording
-    sys.argv = ["lmms-eval", *lmms_args]
     try:
-        lmms_main.cli_evaluate()
+        compat.call_cli(lmms_args, recording)
     except _Stop:
         pass
-    finally:
-        lmms_main.cli_evaluate_single = original
-        sys.argv = saved_argv
     return captured.get("results"), captured.get("error")
 
 
@@ -458,11 +456,8 @@ class _Stop(BaseException):
 def _register_replay_model() -> None:
     """Make ``emi_replay`` resolvable in this process also when the plugin is not installed (a checkout):
     installed, lmms-eval finds it through the ``lmms_eval.models`` entry point."""
-    from lmms_eval.models import MODEL_REGISTRY_V2
-
-    if REPLAY_MODEL not in MODEL_REGISTRY_V2.list_model_names():
-        for manifest in model_manifests():
-            MODEL_REGISTRY_V2.register_manifest(manifest, overwrite=True)
+    if REPLAY_MODEL not in compat.registered_model_names():
+        compat.register_model_manifests(model_manifests())
 
 
 def _summary(results: dict[str, Any]) -> str:
@@ -503,6 +498,9 @@ def _summary(results: dict[str, Any]) -> str:
 def run_eval(config: EMIConfig, lmms_args: list[str], *, metrics: str | None) -> int:
     """Run lmms-eval with ``lmms_args`` and the EMI ``config``; return the exit status (raises
     :class:`~lmms_emi.errors.LmmsEmiError` for a problem the user can fix)."""
+    refused = compat.version_gate("`lmms-emi eval` needs the patches it was tested with")
+    if refused is not None:
+        raise UsageError(refused)
     run_dir = scratch_dir(SCRATCH_PREFIX)  # a killed run's folder is removed by the next run
     try:
         with session.exported(config):

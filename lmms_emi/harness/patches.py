@@ -1,10 +1,13 @@
-"""The two class-level patches of lmms-eval that a run inside it needs, and the run they serve.
+"""The class-level patches of lmms-eval that a run inside it needs, and the run they serve.
 
 :func:`activate` makes a run this process's (:func:`active`) and installs, once per process, wrappers of
 ``TaskManager.__init__`` (the run's task folder appended to ``include_path``; built-in and
-``--include_path`` names win) and ``EvaluationTracker.save_results_aggregated`` (a results-file name no other
-run uses, then the run finished with the very file lmms-eval wrote). Without an active run both wrappers
-call the original only.
+``--include_path`` names win), ``EvaluationTracker.save_results_aggregated`` (a results-file name no other
+run uses, then the run finished with the very file lmms-eval wrote) and ``save_results_samples``, and of
+``ConfigurableTask``'s ``process_results`` / ``aggregation`` / ``higher_is_better`` (EMI beside a
+``--metrics emi`` task's own metrics) and ``download`` (a dataset that fails to load is one line naming the
+task). The classes come from :mod:`lmms_emi.lmms_eval_compat`, the one boundary with lmms-eval. Without an
+active run every wrapper calls the original only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from lmms_emi import lmms_eval_compat as compat
+from lmms_emi import scenarios as sc
 from lmms_emi._io import reserve_file
+from lmms_emi.errors import DataPathError
 
 __all__ = ["PATCH_MARK", "RESULTS_SUFFIX", "activate", "active", "install_patches"]
 
@@ -41,19 +47,17 @@ def install_patches() -> None:
     built-in tasks and the user's ``--include_path``, so their names win) and registers ``--metrics emi``
     tasks; ``EvaluationTracker.save_results_aggregated`` finishes the run (``EvalRun.finish``) with the very
     results file it just wrote."""
-    from lmms_eval.api.task import ConfigurableTask
-    from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
-    from lmms_eval.tasks import TaskManager
-
-    _wrap(TaskManager, "__init__", _task_manager_init)
-    _wrap(EvaluationTracker, "save_results_aggregated", _save_results_aggregated)
-    _wrap(EvaluationTracker, "save_results_samples", _save_results_samples)
+    tracker = compat.evaluation_tracker_class()
+    _wrap(compat.task_manager_class(), "__init__", _task_manager_init)
+    _wrap(tracker, "save_results_aggregated", _save_results_aggregated)
+    _wrap(tracker, "save_results_samples", _save_results_samples)
     for name, make in (
         ("process_results", _process_results),
         ("aggregation", _aggregation),
         ("higher_is_better", _higher_is_better),
+        ("download", _download),
     ):
-        _wrap(ConfigurableTask, name, make)
+        _wrap(compat.configurable_task_class(), name, make)
 
 
 # ---------------------------------------------------------------- --metrics emi: EMI beside a task's own
@@ -99,6 +103,38 @@ def _higher_is_better(original: Any, signature: inspect.Signature) -> Any:
         return {**own, **{m.name: m.higher_is_better for m in TASK_METRICS}}
 
     return higher_is_better
+
+
+def _download(original: Any, signature: inspect.Signature) -> Any:
+    def download(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prep = _ACTIVE
+        if prep is None:
+            return original(self, *args, **kwargs)
+        try:
+            return original(self, *args, **kwargs)
+        except Exception as exc:  # a task's dataset failed to load: one line naming it, and how to fix it
+            prep.fail(_dataset_error(self, exc))
+
+    return download
+
+
+def _dataset_error(task_obj: Any, exc: Exception) -> DataPathError:
+    """The one-line error for a task (lmms-eval task object) whose dataset failed to load with ``exc``."""
+    task = str(getattr(getattr(task_obj, "config", None), "task", "?"))
+    dataset = str(getattr(task_obj, "DATASET_PATH", "?"))
+    first = (str(exc).strip().splitlines() or [""])[0]
+    cause = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if Path(dataset).expanduser().exists():
+        error = DataPathError(f"dataset {dataset} of task {task} could not be loaded ({cause})")
+    else:
+        benchmark = next((b for b in sc.TASK_PREFIX if task.startswith(sc.TASK_PREFIX[b])), None)
+        how = f"--data {benchmark}=PATH" if benchmark else "a local dataset path"
+        error = DataPathError(
+            f"dataset {dataset} of task {task} is not reachable ({cause}); it needs the Hugging Face hub "
+            f"(network access) or a local copy given with {how}"
+        )
+    error.__cause__ = exc
+    return error
 
 
 def _wrap(cls: type, name: str, make: Any) -> None:
@@ -186,9 +222,9 @@ def _claim_results_file(tracker: Any, datetime_str: str | None) -> Path | None:
     """Claim a results-file name no other run uses (lmms-eval's date id has one-second resolution, so two
     runs sharing an output folder can get the same one): ``<date id>_results.json``, else ``<date id>-2``,
     ... created empty and exclusively; lmms-eval then writes into it, and its sample logs share the id."""
-    if not tracker.output_path or not datetime_str:
+    folder = compat.tracker_results_folder(tracker)
+    if folder is None or not datetime_str:
         return None
-    folder = Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
     base = datetime_str.replace(":", "-")
     for attempt in range(1, 1000):
         path = folder / f"{base if attempt == 1 else f'{base}-{attempt}'}{RESULTS_SUFFIX}"
@@ -199,9 +235,9 @@ def _claim_results_file(tracker: Any, datetime_str: str | None) -> Path | None:
 
 def _written_results_file(tracker: Any) -> Path | None:
     """The results JSON ``tracker`` has just written (``<output_path>/<model>/<date id>_results.json``)."""
-    date_id = getattr(tracker, "date_id", None)
-    if not tracker.output_path or not date_id:
+    date_id = compat.tracker_date_id(tracker)
+    folder = compat.tracker_results_folder(tracker)
+    if folder is None or not date_id:
         return None
-    folder = Path(tracker.output_path) / tracker.general_config_tracker.model_name_sanitized
     path = folder / f"{date_id}{RESULTS_SUFFIX}"
     return path if path.is_file() else None

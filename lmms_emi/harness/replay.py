@@ -15,8 +15,6 @@ REPLAY_CLASS = "lmms_emi.harness.replay_model.ReplayModel"
 
 def model_manifests() -> list[Any]:
     """The plugin's lmms-eval models: ``emi_replay`` (answers from saved response files)."""
-    from lmms_eval.models.registry_v2 import ModelManifest
+    from lmms_emi.lmms_eval_compat import model_manifest
 
-    return [
-        ModelManifest(model_id=REPLAY_MODEL, simple_class_path=REPLAY_CLASS, aliases=("lmms_emi_replay",))
-    ]
+    return [model_manifest(REPLAY_MODEL, REPLAY_CLASS, aliases=("lmms_emi_replay",))]

@@ -17,15 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmms_eval.api.instance import Instance
-from lmms_eval.api.model import lmms
-
+from lmms_emi import lmms_eval_compat as compat
 from lmms_emi import scenarios as sc
 from lmms_emi.errors import ReplayError
 from lmms_emi.harness import session
 from lmms_emi.sources.responses import responses_for_rows
 
 __all__ = ["ReplayError", "ReplayModel"]
+
+lmms, Instance = compat.model_api()
 
 
 class ReplayModel(lmms):

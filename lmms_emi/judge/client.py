@@ -69,12 +69,11 @@ class Judge:
             return self._clients[retries]
 
     def _payload(self, prompt: str, max_tokens: int | None = None) -> dict[str, Any]:
-        from lmms_eval.llm_judge.protocol import ServerConfig
-        from lmms_eval.llm_judge.providers.openai import build_sampling_kwargs
+        from lmms_emi.lmms_eval_compat import judge_sampling_kwargs
 
-        config = ServerConfig(model_name=self.config.model, max_tokens=max_tokens or self.config.max_tokens)
+        sampling = judge_sampling_kwargs(self.config.model, max_tokens or self.config.max_tokens)
         messages = [{"role": "user", "content": prompt}]
-        return {"model": self.config.model, "messages": messages, **build_sampling_kwargs(config)}
+        return {"model": self.config.model, "messages": messages, **sampling}
 
     def _call(self, prompt: str, max_retries: int) -> tuple[str, dict[str, int] | None]:
         """One chat completion, the client retrying the transport up to ``max_retries`` times: (answer text,

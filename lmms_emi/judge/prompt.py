@@ -5,11 +5,9 @@ its ``llava-in-the-wild`` task, ``llava_process_results`` layout) and its score 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 __all__ = ["JudgeItem", "build_prompt", "parse_scores"]
 
@@ -30,12 +28,10 @@ _FALLBACK_RULE = {  # rule.json's "default" entry, used when lmms-eval's task fo
 @functools.cache
 def _rule() -> dict[str, str]:
     """The LLaVA-Bench judge rule of lmms-eval's ``llava-in-the-wild`` task (read from its package data)."""
-    spec = importlib.util.find_spec("lmms_eval")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(root) / "tasks" / "llava-in-the-wild" / "rule.json"
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))[_RULE]
-    return _FALLBACK_RULE
+    from lmms_emi.lmms_eval_compat import judge_rule_file
+
+    path = judge_rule_file()
+    return _FALLBACK_RULE if path is None else json.loads(path.read_text(encoding="utf-8"))[_RULE]
 
 
 def build_prompt(question: str, reference: str, response: str, context: str | None = None) -> str:
@@ -55,9 +51,9 @@ def parse_scores(text: str | None) -> tuple[float, float] | None:
     answer has no two finite, non-negative numbers there (lmms-eval would score it -1)."""
     if not text:
         return None
-    from lmms_eval.llm_judge.utils import ResponseParser
+    from lmms_emi.lmms_eval_compat import parse_comparative_scores
 
-    ref, model = ResponseParser.parse_comparative_response(text)
+    ref, model = parse_comparative_scores(text)
     if not (math.isfinite(ref) and math.isfinite(model)) or ref < 0 or model < 0:
         return None
     return float(ref), float(model)

@@ -20,50 +20,19 @@ CSV / Markdown / PNG and the files), ``build`` (rows, ranking, :func:`build_lead
 (``--common-estimator``), ``paired`` (``lmms-emi compare``: a paired bootstrap of two runs).
 """
 
+# The package's front door: what the CLI and users need; everything else is imported from its module.
 from lmms_emi.leaderboard.build import build_leaderboard
-from lmms_emi.leaderboard.render import (
-    COLUMNS,
-    DEFAULT_SORT,
-    FILE_NAMES,
-    SCHEMA,
-    SCHEMA_VERSION,
-    SHIFT_KINDS,
-    SORTABLE,
-    Leaderboard,
-    check_targets,
-    write_leaderboard,
-)
-from lmms_emi.leaderboard.runs import (
-    RunResults,
-    comparability_problems,
-    encoders_label,
-    estimator_identity,
-    estimator_label,
-    find_results_files,
-    load_run,
-    load_runs,
-    same_estimator,
-)
+from lmms_emi.leaderboard.render import COLUMNS, DEFAULT_SORT, SCHEMA, Leaderboard, write_leaderboard
+from lmms_emi.leaderboard.runs import RunResults, load_run, load_runs
 
 __all__ = [
     "COLUMNS",
     "DEFAULT_SORT",
-    "FILE_NAMES",
     "SCHEMA",
-    "SCHEMA_VERSION",
-    "SHIFT_KINDS",
-    "SORTABLE",
     "Leaderboard",
     "RunResults",
     "build_leaderboard",
-    "check_targets",
-    "comparability_problems",
-    "encoders_label",
-    "estimator_identity",
-    "estimator_label",
-    "find_results_files",
     "load_run",
     "load_runs",
-    "same_estimator",
     "write_leaderboard",
 ]
