@@ -42,7 +42,12 @@ __all__ = [
 ]
 
 OPTIONS_VAR = "LMMS_EMI_OPTIONS"
-ENCODER_PROFILES = ("paper", "offline")
+#: The names of ``lmms_emi.estimators.families.MI_ESTIMATORS`` / ``JSD_ESTIMATORS`` (spelled out here: this
+#: module imports no torch; a test keeps them equal).
+MI_ESTIMATOR_NAMES = ("club", "infonce", "nwj", "mine")
+JSD_ESTIMATOR_NAMES = ("rjsd", "mmd")
+#: The names of ``lmms_emi.embed.profiles.PROFILES`` (config imports no embed; a test keeps them equal).
+ENCODER_PROFILES = ("paper", "offline", "e5v-disjoint", "e5v-joint")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 _OFF = ("off", "none", "false")  # a cache turned off
@@ -194,6 +199,14 @@ class EMIConfig:
         group="estimator",
         choices=("fast", "paper"),
     )
+    mi_estimator: str = _opt(
+        "club",
+        "--mi-estimator",
+        "the MI estimator of EMI: 'club' (default, the paper's) or a critic lower bound fitted on the run "
+        "(or loaded with --estimator FILE): 'infonce', 'nwj', 'mine'",
+        group="estimator",
+        choices=MI_ESTIMATOR_NAMES,
+    )
     seed: int = _opt(
         0, "--emi-seed", "seed of the estimator fit and the bootstrap", group="estimator", old=("--seed",)
     )
@@ -204,6 +217,14 @@ class EMIConfig:
     confidence: float = _opt(0.95, "--confidence", "confidence level of the intervals", group="analysis")
     entropy_scale: float | None = _opt(
         None, "--entropy-scale", "Ĥ of Theorem 4.5 (default: the scale-adjusted bound)", group="analysis"
+    )
+    jsd_estimator: str = _opt(
+        "rjsd",
+        "--jsd-estimator",
+        "the divergence of the bound's terms: 'rjsd' (default, the paper's) or 'mmd' (biased MMD², Gaussian "
+        "kernel, median-distance bandwidth)",
+        group="analysis",
+        choices=JSD_ESTIMATOR_NAMES,
     )
     # a run inside lmms-eval
     id_task: str | None = _opt(

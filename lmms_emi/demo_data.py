@@ -7,12 +7,12 @@ with no dataset hub. It imitates the *shape* of the real benchmarks, not their c
   coffee, rocket, camera, ...), resized so the longer side is 224 px;
 * questions: three generic templates ("What is the main subject ...", "Describe ...", "What colors ...")
   with hand-written reference answers per image;
-* visual shifts (synthetic benchmark): a disk-kernel defocus blur and a procedural frost overlay written here
-  with NumPy/SciPy — *inspired by* ``imagecorruptions`` (its blend coefficients and blur radii), not equal
-  to it;
-* text shifts (synthetic): ``KeyboardAug_{1,3}`` = deterministic neighbour-key typos at a character rate of
-  ``0.05 * level``; ``sr_{4,7}`` = synonym replacement from a small built-in table at a word rate of
-  ``level / 10``, lower-cased without punctuation (the real ``sr`` splits look like that);
+* visual shifts (synthetic benchmark): the paper's own transforms, ``imagecorruptions``' ``defocus_blur`` and
+  ``frost`` at the split's severity, through :mod:`lmms_emi.shifts` (the code of ``lmms-emi make-shifts``),
+  seeded per photo;
+* text shifts (synthetic): ``KeyboardAug_{1,3}`` = ``nlpaug``'s KeyboardAug typos, ``sr_{4,7}`` = ``nlpaug``'s
+  SynonymAug over offline WordNet 3.0, lower-cased without punctuation (the real ``sr`` splits look like
+  that), both through :mod:`lmms_emi.shifts`, seeded per question;
 * natural benchmark: the language splits are fixed hand translations of the three templates followed by
   "; Please answer in English." (as in the real files); the ``in_the_wild`` splits use the same photos with a
   per-image "in-the-wild" restyling (crop, rotation, colour cast) whose strength decides the easy / hard
@@ -22,16 +22,11 @@ with no dataset hub. It imitates the *shape* of the real benchmarks, not their c
 Everything is deterministic for a given ``seed``. ``question_id`` is a stable int per (image, question),
 identical across the scenarios of one visual source (COCO-like or in-the-wild), exactly as in the reference
 response files.
-
-Over 400 lines: it hand-writes look-alikes of the paper's image and text shifts; issue 18 (``make-shifts``
-with the paper's real transforms, ``imagecorruptions`` and ``nlpaug``) replaces them, and this module with
-them.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,6 +37,9 @@ from PIL import Image
 
 from lmms_emi import scenarios as sc
 from lmms_emi._io import atomic_write_text
+from lmms_emi.shifts.family import row_seed
+from lmms_emi.shifts.text import TextShift, letters_only
+from lmms_emi.shifts.visual import apply_corruption
 
 __all__ = [
     "IMAGE_POOL",
@@ -243,61 +241,20 @@ def _load_photo(name: str) -> Image.Image:
 # Visual shifts
 # ---------------------------------------------------------------------------------------------------------
 
-_DEFOCUS_RADIUS = {1: 3.0, 2: 4.0, 3: 6.0, 4: 8.0, 5: 10.0}  # pixels at 224 px, as in imagecorruptions
-_FROST_BLEND = {1: (1.0, 0.4), 2: (0.8, 0.6), 3: (0.7, 0.7), 4: (0.65, 0.7), 5: (0.6, 0.75)}
+
+def _corrupt(image: Image.Image, corruption: str, severity: int, seed: int) -> Image.Image:
+    array = apply_corruption(np.asarray(image.convert("RGB")), corruption, int(severity), seed)
+    return Image.fromarray(array)
 
 
-def defocus_blur(image: Image.Image, severity: int) -> Image.Image:
-    """Defocus blur: convolution of each channel with a normalised disk of radius r(severity) pixels.
-
-    ``out = img * K_r``, ``K_r(u, v) ∝ 1[u² + v² ≤ r²]`` (slightly anti-aliased at the rim), r ∈ {3,4,6,8,10}.
-    """
-    from scipy import ndimage
-
-    r = _DEFOCUS_RADIUS[int(severity)]
-    k = int(np.ceil(r))
-    yy, xx = np.mgrid[-k : k + 1, -k : k + 1]
-    dist = np.sqrt(xx**2 + yy**2)
-    kernel = np.clip(r + 0.5 - dist, 0.0, 1.0)  # soft rim
-    kernel /= kernel.sum()
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    out = np.stack([ndimage.convolve(arr[..., c], kernel, mode="reflect") for c in range(3)], axis=-1)
-    return Image.fromarray(np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8))
-
-
-def _frost_texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """A procedural ice texture in [0, 1], shape (h, w, 3): multi-scale smooth noise + bright streaks."""
-    from scipy import ndimage
-
-    tex = np.zeros((h, w), dtype=np.float32)
-    for sigma, weight in ((12.0, 0.5), (4.0, 0.3), (1.0, 0.2)):
-        tex += weight * ndimage.gaussian_filter(rng.random((h, w)).astype(np.float32), sigma)
-    tex = (tex - tex.min()) / max(float(tex.max() - tex.min()), 1e-6)
-    # crystal streaks: short random line segments, blurred a little
-    streaks = np.zeros((h, w), dtype=np.float32)
-    for _ in range(max(8, (h * w) // 600)):
-        y, x = rng.integers(0, h), rng.integers(0, w)
-        angle, length = rng.uniform(0, np.pi), rng.integers(4, 18)
-        t = np.arange(length)
-        ys = np.clip((y + t * np.sin(angle)).astype(int), 0, h - 1)
-        xs = np.clip((x + t * np.cos(angle)).astype(int), 0, w - 1)
-        streaks[ys, xs] = 1.0
-    streaks = ndimage.gaussian_filter(streaks, 0.7)
-    tex = np.clip(0.55 + 0.35 * tex + 0.8 * streaks, 0.0, 1.0)
-    tint = np.array([0.92, 0.96, 1.0], dtype=np.float32)  # slightly blue-white ice
-    return tex[..., None] * tint
+def defocus_blur(image: Image.Image, severity: int, *, seed: int = 0) -> Image.Image:
+    """``imagecorruptions``' defocus blur (a disk kernel of radius 3/4/6/8/10 px by severity)."""
+    return _corrupt(image, "defocus_blur", severity, row_seed(seed, "defocus_blur", 0))
 
 
 def frost(image: Image.Image, severity: int, *, seed: int = 0) -> Image.Image:
-    """Frost: ``out = clip(a · img + b · frost_texture)`` with (a, b) per severity as in imagecorruptions.
-
-    The texture is procedural (seeded), not one of imagecorruptions' frost photographs.
-    """
-    a, b = _FROST_BLEND[int(severity)]
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    tex = _frost_texture(arr.shape[0], arr.shape[1], _rng(seed, "frost", severity, arr.shape))
-    out = np.clip(a * arr + b * tex, 0.0, 1.0)
-    return Image.fromarray((out * 255.0 + 0.5).astype(np.uint8))
+    """``imagecorruptions``' frost (one of its frost photographs, blended by severity), seeded by ``seed``."""
+    return _corrupt(image, "frost", severity, row_seed(seed, "frost", 0))
 
 
 def _wild_restyle(image: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
@@ -323,68 +280,20 @@ def _wild_restyle(image: Image.Image, strength: float, rng: np.random.Generator)
 # Text shifts
 # ---------------------------------------------------------------------------------------------------------
 
-_KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
-
-
-def _keyboard_neighbours() -> dict[str, str]:
-    pos = {ch: (r, c) for r, row in enumerate(_KEYBOARD_ROWS) for c, ch in enumerate(row)}
-    out: dict[str, str] = {}
-    for ch, (r, c) in pos.items():
-        out[ch] = "".join(
-            other for other, (r2, c2) in pos.items() if other != ch and abs(r - r2) <= 1 and abs(c - c2) <= 1
-        )
-    return out
-
-
-_NEIGHBOURS = _keyboard_neighbours()
-
 
 def keyboard_typos(text: str, level: int, *, seed: int = 0, key: object = "") -> str:
-    """Replace each letter, with probability ``0.05 · level``, by a QWERTY neighbour key; case kept."""
-    rng = _rng(seed, "keyboard", level, key, text)
-    p = 0.05 * level
-    chars = list(text)
-    for i, ch in enumerate(chars):
-        low = ch.lower()
-        if low in _NEIGHBOURS and rng.random() < p:
-            sub = _NEIGHBOURS[low][int(rng.integers(len(_NEIGHBOURS[low])))]
-            chars[i] = sub.upper() if ch.isupper() else sub
-    return "".join(chars)
-
-
-_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "what": ("which",),
-    "main": ("primary", "principal", "chief"),
-    "subject": ("topic", "focus", "content"),
-    "image": ("picture", "figure", "photo"),
-    "describe": ("depict", "explain", "characterize"),
-    "detail": ("depth", "particular"),
-    "colors": ("colours", "hues", "shades"),
-    "stand": ("appear", "stick"),
-    "out": ("forth",),
-    "this": ("the",),
-    "is": ("be",),
-    "in": ("inside", "within"),
-    "of": ("from",),
-    "the": ("this",),
-}
+    """``KeyboardAug_<level>``: ``nlpaug``'s KeyboardAug, at most ``level`` typo'd words; level 0: none."""
+    if level == 0:
+        return text
+    return TextShift("KeyboardAug", level).apply(text, row_seed(seed, "KeyboardAug", key))
 
 
 def synonym_rewrite(text: str, level: int, *, seed: int = 0, key: object = "") -> str:
-    """Sentence rewrite: lower-case, drop punctuation, replace each word with a synonym w.p. ``level / 10``.
-
-    Words missing from the small built-in table are kept, so the effective rate is lower than nominal.
-    """
-    rng = _rng(seed, "synonym", level, key, text)
-    words = re.findall(r"[\w']+", text.lower())
-    out = []
-    for word in words:
-        options = _SYNONYMS.get(word)
-        if options and rng.random() < level / 10:
-            out.append(options[int(rng.integers(len(options)))])
-        else:
-            out.append(word)
-    return " ".join(out)
+    """``sr_<level>``: lower-case, letters only, a share ``level / 10`` of the words replaced by WordNet
+    synonyms (``nlpaug``'s SynonymAug); level 0: the normalisation alone."""
+    if level == 0:
+        return letters_only(text)
+    return TextShift("sr", level).apply(text, row_seed(seed, "sr", key))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,10 +361,10 @@ def _rows_for(
     strengths = _wild_strengths(n_images, seed)
     for i in image_ids:
         photo, img = photos[i], base[i]
-        if scenario.corruption == "defocus_blur":
-            img = defocus_blur(img, scenario.severity)
-        elif scenario.corruption == "frost":
-            img = frost(img, scenario.severity, seed=seed + i)
+        if scenario.corruption is not None:  # the same code and seeds as make-shifts (row = photo)
+            img = _corrupt(
+                img, scenario.corruption, scenario.severity, row_seed(seed, scenario.corruption, i)
+            )
         elif scenario.wild_level is not None:
             img = _wild_restyle(img, float(strengths[i]), _rng(seed, "wild", i))
         for q in range(questions_per_image):
@@ -662,5 +571,3 @@ _META_FILE = "lmms_emi_demo.json"
 def _read_meta(dataset_dir: Path) -> dict | None:
     path = dataset_dir / _META_FILE
     return json.loads(path.read_text()) if path.is_file() else None
-
-

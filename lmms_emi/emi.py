@@ -23,6 +23,13 @@ Everything here is a pure function of tensors (plus a fitted CLUB: an unfitted o
 their resampling counts and evaluate every replicate's CLUB estimates at once through
 :class:`~lmms_emi.estimators.club_form.WeightedEstimate`, the same closed form as the estimate.
 
+Other MI estimators (InfoNCE, NWJ, MINE: :class:`~lmms_emi.estimators.critic_mi.CriticMI`) take the same
+paths: :func:`prepare_task` scores every (query, response) and (query, reference) pair of a task once
+(:class:`PreparedCriticTask`), Î is the fitted critic's bound on those N×N scores and a bootstrap replicate
+is the same bound on the resampled rows with the critic fixed (:func:`~lmms_emi.estimators.mi_bounds.
+weighted_bounds`). Other JSD estimators (MMD) replace RJSD in every divergence term
+(``jsd_estimator=``, :data:`~lmms_emi.estimators.families.JSD_ESTIMATORS`).
+
 Every number is checked against what the math allows before it is published (:func:`implausible`, with
 the derivation); a value outside that range comes from a corrupt estimator or a numerical fault.
 
@@ -43,15 +50,19 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from lmms_emi.estimators import mi_bounds
 from lmms_emi.estimators.checkpoint import MU_NORM_LIMIT
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.estimators.club_form import WeightedEstimate, club_mutual_information
+from lmms_emi.estimators.critic_mi import CriticMI
+from lmms_emi.estimators.families import JSD_ESTIMATORS
 from lmms_emi.estimators.rjsd import DensityMatrix, rjsd_between
 
 __all__ = [
     "BoundResult",
     "EMIResult",
     "Interval",
+    "PreparedCriticTask",
     "PreparedTask",
     "ShiftDivergences",
     "TaskEmbeddings",
@@ -204,11 +215,36 @@ class PreparedTask:
         )
 
 
-def prepare_task(club: CLUB, emb: TaskEmbeddings | tuple | PreparedTask, name: str = "task") -> PreparedTask:
+@dataclass(frozen=True)
+class PreparedCriticTask:
+    """A task ready for a critic estimator (InfoNCE, NWJ, MINE): its checked embeddings and the critic's
+    N×N scores S_ij = f(z_x_i, z_ŷ_j) and f(z_x_i, z_y_j), computed once for the estimate and every bootstrap
+    replicate (the critic fixed; a replicate is the bound on the resampled rows,
+    :func:`~lmms_emi.estimators.mi_bounds.weighted_bounds`)."""
+
+    club: CriticMI
+    emb: TaskEmbeddings
+    scores_model: torch.Tensor
+    scores_ref: torch.Tensor
+
+    def estimate(self, weights: torch.Tensor) -> torch.Tensor:
+        """Î(w) of (z_ŷ, z_y) for resampling counts: (2, B) per (B, n) weights."""
+        name = self.club.bound
+        return torch.stack(
+            [mi_bounds.weighted_bounds(name, s, weights) for s in (self.scores_model, self.scores_ref)]
+        )
+
+
+def prepare_task(
+    club: CLUB | CriticMI,
+    emb: TaskEmbeddings | tuple | PreparedTask | PreparedCriticTask,
+    name: str = "task",
+) -> PreparedTask | PreparedCriticTask:
     """Validate and normalise a task's embeddings (ValueError naming ``name`` and the field) and compute
-    CLUB's μ(z_x), log σ²(z_x) for its queries z_x = (ẑ_v + ẑ_t)/2. A task already prepared for ``club`` is
-    returned as it is."""
-    if isinstance(emb, PreparedTask):
+    CLUB's μ(z_x), log σ²(z_x) for its queries z_x = (ẑ_v + ẑ_t)/2 (a critic estimator: its scores of every
+    query against every response and reference, :class:`PreparedCriticTask`). A task already prepared for
+    ``club`` is returned as it is."""
+    if isinstance(emb, (PreparedTask, PreparedCriticTask)):
         if emb.club is not club:
             raise ValueError(f"{name} was prepared for another estimator")
         return emb
@@ -219,12 +255,23 @@ def prepare_task(club: CLUB, emb: TaskEmbeddings | tuple | PreparedTask, name: s
             f"{name}: embeddings are {z_x.shape[1]}-dim but the estimator takes x of dim {club.x_dim} "
             f"and y of dim {club.y_dim}"
         )
+    if isinstance(club, CriticMI):
+        return PreparedCriticTask(
+            club, checked, club.scores(z_x, checked.z_model), club.scores(z_x, checked.z_ref)
+        )
     mu, logvar = club.conditional_params(z_x)
     return PreparedTask(club, checked, mu, logvar)
 
 
-def task_emi(task: PreparedTask, *, leave_one_out: bool = False) -> EMIResult:
+def task_emi(task: PreparedTask | PreparedCriticTask, *, leave_one_out: bool = False) -> EMIResult:
     """EMI of a prepared task: Î(z_x; z_ŷ) − Î(z_x; z_y) (see :func:`effective_mutual_information`)."""
+    if isinstance(task, PreparedCriticTask):
+        if leave_one_out:
+            raise ValueError("leave_one_out is a CLUB option; a critic's bound uses j ≠ i by construction")
+        name = task.club.bound
+        mi_model = mi_bounds.bound_from_scores(name, task.scores_model)
+        mi_ref = mi_bounds.bound_from_scores(name, task.scores_ref)
+        return EMIResult(emi=mi_model - mi_ref, mi_model=mi_model, mi_ref=mi_ref, n=task.emb.n)
     mi_model = club_mutual_information(task.mu, task.logvar, task.emb.z_model, leave_one_out=leave_one_out)
     mi_ref = club_mutual_information(task.mu, task.logvar, task.emb.z_ref, leave_one_out=leave_one_out)
     return EMIResult(emi=mi_model - mi_ref, mi_model=mi_model, mi_ref=mi_ref, n=task.emb.n)
@@ -341,9 +388,13 @@ def _check_scale(entropy_scale: float) -> float:
 
 
 def shift_divergences(
-    p_emb: TaskEmbeddings | tuple, q_embs: Mapping[str, TaskEmbeddings | tuple]
+    p_emb: TaskEmbeddings | tuple,
+    q_embs: Mapping[str, TaskEmbeddings | tuple],
+    *,
+    jsd_estimator: str = "rjsd",
 ) -> dict[str, ShiftDivergences]:
-    """RJSD terms of P against each shifted task in ``q_embs`` (keyed by task name).
+    """RJSD terms of P against each shifted task in ``q_embs`` (keyed by task name); ``jsd_estimator="mmd"``:
+    MMD² terms instead (:func:`~lmms_emi.estimators.mmd.mmd_squared`, each pair computed once).
 
     Every sample's density matrix and every pair's divergence is computed once, by content: P's entropies
     and D(P_ŷ‖P_y) serve all Q, and Q tasks that share an input (the text variants of one visual shift share
@@ -351,7 +402,7 @@ def shift_divergences(
     its decompositions. The values are those of :func:`~lmms_emi.estimators.rjsd.rjsd` on each pair.
     """
     p = _check_task(_task(p_emb, "P"), "P", need_responses=False)
-    memo = _DivergenceMemo()
+    memo = _DivergenceMemo(jsd_estimator)
     d_p = _response_divergence(p, memo)
     out = {}
     for name, q_emb in q_embs.items():
@@ -359,8 +410,8 @@ def shift_divergences(
         if q.z_v.shape[1] != p.z_v.shape[1] or q.z_t.shape[1] != p.z_t.shape[1]:
             raise ValueError(f"{name}: embeddings have other dimensions than the in-distribution task's")
         out[name] = ShiftDivergences(
-            jsd_visual=memo.rjsd(p.z_v, q.z_v),
-            jsd_text=memo.rjsd(p.z_t, q.z_t),
+            jsd_visual=memo.divergence(p.z_v, q.z_v),
+            jsd_text=memo.divergence(p.z_t, q.z_t),
             jsd_response_p=d_p,
             jsd_response_q=_response_divergence(q, memo),
         )
@@ -371,7 +422,11 @@ class _DivergenceMemo:
     """RJSD of sample pairs, with each distinct sample (compared in full, found by its shape and end rows)
     decomposed once and each pair's value kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, jsd_estimator: str = "rjsd") -> None:
+        if jsd_estimator not in JSD_ESTIMATORS:
+            raise ValueError(f"unknown JSD estimator {jsd_estimator!r}: one of {', '.join(JSD_ESTIMATORS)}")
+        self._jsd = jsd_estimator
+        self._kept: list[torch.Tensor] = []  # the samples themselves (any estimator but RJSD)
         self._samples: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         self._densities: list[DensityMatrix] = []
         self._values: dict[tuple[int, int], float] = {}
@@ -382,22 +437,28 @@ class _DivergenceMemo:
         for index, seen in candidates:
             if torch.equal(seen, z):
                 return index
-        candidates.append((len(self._densities), z))
-        self._densities.append(DensityMatrix.of_sample(z))
-        return len(self._densities) - 1
+        candidates.append((len(self._kept), z))
+        self._kept.append(z)
+        if self._jsd == "rjsd":
+            self._densities.append(DensityMatrix.of_sample(z))
+        return len(self._kept) - 1
 
-    def rjsd(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """:func:`~lmms_emi.estimators.rjsd.rjsd` (x, y)."""
+    def divergence(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The JSD estimator's value of (x, y): :func:`~lmms_emi.estimators.rjsd.rjsd` by default."""
         pair = self._index(x), self._index(y)
         if pair not in self._values:
-            self._values[pair] = rjsd_between(self._densities[pair[0]], self._densities[pair[1]])
+            if self._jsd == "rjsd":
+                value = rjsd_between(self._densities[pair[0]], self._densities[pair[1]])
+            else:
+                value = JSD_ESTIMATORS[self._jsd](self._kept[pair[0]], self._kept[pair[1]])
+            self._values[pair] = value
         return self._values[pair]
 
 
 def _response_divergence(emb: TaskEmbeddings, memo: _DivergenceMemo) -> float | None:
     if emb.z_model is None or emb.z_ref is None:
         return None
-    return memo.rjsd(emb.z_model, emb.z_ref)
+    return memo.divergence(emb.z_model, emb.z_ref)
 
 
 def emid_upper_bound(
@@ -497,22 +558,22 @@ def _percentile_bootstrap(
     return Interval(float(ci.low), float(ci.high), confidence_level, n_resamples)
 
 
-def _resampled_emi(task: PreparedTask, index: np.ndarray) -> np.ndarray:
+def _resampled_emi(task: PreparedTask | PreparedCriticTask, index: np.ndarray) -> np.ndarray:
     """EMI for each row of ``index`` (B, m) of resampled row numbers (a 1-D index is one replicate).
 
     A replicate is the CLUB estimate with row weights w = counts / m (counts: how often each row was drawn),
     EMI(w) = Î_w(z_x; z_ŷ) − Î_w(z_x; z_y), both targets and all B at once (:attr:`PreparedTask.estimate`).
     """
     index = torch.as_tensor(np.atleast_2d(np.asarray(index)), dtype=torch.long)
-    counts = torch.zeros(index.shape[0], task.mu.shape[0], dtype=torch.int32)
+    counts = torch.zeros(index.shape[0], task.emb.n, dtype=torch.int32)
     counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.int32))
     mi_model, mi_ref = task.estimate(counts)
     return (mi_model - mi_ref).cpu().numpy()
 
 
 def bootstrap_emi(
-    club: CLUB,
-    emb: TaskEmbeddings | tuple | PreparedTask,
+    club: CLUB | CriticMI,
+    emb: TaskEmbeddings | tuple | PreparedTask | PreparedCriticTask,
     *,
     n_resamples: int = 1000,
     confidence_level: float = 0.95,
@@ -535,9 +596,9 @@ def bootstrap_emi(
 
 
 def bootstrap_emid(
-    club: CLUB,
-    p_emb: TaskEmbeddings | tuple | PreparedTask,
-    q_emb: TaskEmbeddings | tuple | PreparedTask,
+    club: CLUB | CriticMI,
+    p_emb: TaskEmbeddings | tuple | PreparedTask | PreparedCriticTask,
+    q_emb: TaskEmbeddings | tuple | PreparedTask | PreparedCriticTask,
     *,
     n_resamples: int = 1000,
     confidence_level: float = 0.95,
@@ -583,6 +644,7 @@ def implausible(
     logvar_abs: float | None = None,
     id_mu_norm: float | None = None,
     entropy_scale: float | None = None,
+    jsd_max: float = math.log(2.0),
 ) -> str | None:
     """Why one task's numbers cannot be right (one line), or None when each lies in the range the math allows.
 
@@ -620,7 +682,9 @@ def implausible(
         bound           √D_v + √D_t + D_P^¼ + D_Q^¼     ≤ 2√ln 2 + 2(ln 2)^¼          ≈ 3.490
         theorem form    Ĥ(√D_v + √D_t) + 8(D_P + D_Q)^¼ ≤ 2Ĥ√ln 2 + 8(2 ln 2)^¼       ≈ 1.665·Ĥ + 8.681
 
-    and each number must be finite. Every limit gets a relative slack of 1e-6 for round-off.
+    and each number must be finite. Every limit gets a relative slack of 1e-6 for round-off. Another JSD
+    estimator's range [0, ``jsd_max``] replaces [0, ln 2] (MMD² with a kernel bounded by 1: [0, 2]). Without
+    ``mu_norm`` (a critic estimator, which has no μ) only finiteness is checked of the MI numbers.
 
     >>> implausible({"emi": 0.02, "mi_model": 0.5, "mi_ref": 0.48}, mu_norm=2.9, logvar_abs=1.0) is None
     True
@@ -642,7 +706,7 @@ def implausible(
     if logvar_abs is not None and not _within(logvar_abs, 0.0, 1.0):
         return f"the estimator's log σ²(x) reaches {logvar_abs:.3g}, outside the [−1, 1] of its tanh"
     labels = {"emi": "EMI", "emid": "EMID", "mi_model": "Î(z_x; z_ŷ)", "mi_ref": "Î(z_x; z_y)"}
-    limits = _limits(mu_norm, id_mu_norm, entropy_scale)
+    limits = _limits(mu_norm, id_mu_norm, entropy_scale, jsd_max)
     for key, value in values.items():
         if value is None:
             continue
@@ -660,19 +724,24 @@ def implausible(
 
 
 def _limits(
-    mu_norm: float | None, id_mu_norm: float | None, entropy_scale: float | None
+    mu_norm: float | None,
+    id_mu_norm: float | None,
+    entropy_scale: float | None,
+    jsd_max: float = _LN2,
 ) -> dict[str, tuple[tuple[float, float], str]]:
     """(low, high) and how it is derived, per field (see :func:`implausible`)."""
     out: dict[str, tuple[tuple[float, float], str]] = {}
+    top = "ln 2" if jsd_max == _LN2 else f"{jsd_max:g}"
+    what = "a Jensen-Shannon divergence" if jsd_max == _LN2 else "the divergence estimator"
     for key in ("jsd_visual", "jsd_text", "jsd_response_p", "jsd_response_q"):
-        out[key] = ((0.0, _LN2), "outside the [0, ln 2] of a Jensen-Shannon divergence")
-    partial = 2 * _LN2**0.5  # TaskResult.partial_bound is the form without Ĥ
-    out["partial_bound"] = ((0.0, partial), f"outside [0, {partial:.4g}] (2√ln 2)")
-    full = 2 * _LN2**0.5 + 2 * _LN2**0.25
-    out["bound"] = ((0.0, full), f"outside [0, {full:.4g}] (2√ln 2 + 2(ln 2)^¼)")
+        out[key] = ((0.0, jsd_max), f"outside the [0, {top}] of {what}")
+    partial = 2 * jsd_max**0.5  # TaskResult.partial_bound is the form without Ĥ
+    out["partial_bound"] = ((0.0, partial), f"outside [0, {partial:.4g}] (2√{top})")
+    full = 2 * jsd_max**0.5 + 2 * jsd_max**0.25
+    out["bound"] = ((0.0, full), f"outside [0, {full:.4g}] (2√{top} + 2({top})^¼)")
     if entropy_scale is not None:
-        theorem = 2 * entropy_scale * _LN2**0.5 + 8 * (2 * _LN2) ** 0.25
-        out["bound_theorem"] = ((0.0, theorem), f"outside [0, {theorem:.4g}] (2Ĥ√ln 2 + 8(2 ln 2)^¼)")
+        theorem = 2 * entropy_scale * jsd_max**0.5 + 8 * (2 * jsd_max) ** 0.25
+        out["bound_theorem"] = ((0.0, theorem), f"outside [0, {theorem:.4g}] (2Ĥ√{top} + 8(2 {top})^¼)")
     if mu_norm is not None:
         one = mi_limit(mu_norm)
         tail = f"for the estimator's |μ| ≤ {mu_norm:.3g} on these queries"

@@ -1,7 +1,9 @@
 """The agreement report of a run with a judge step (paper Table 2 on the user's own run): per task EMI, the
 judge's win rate and relative score with the counts of scored / excluded samples; across tasks Spearman ρ
-and Kendall τ with p-values and bootstrap intervals; the per-sample agreement; the cost of the judge beside
-the EMI pipeline's own time (paper Table 7); a scatter of EMI against WR coloured by shift kind.
+and Kendall τ with p-values and bootstrap intervals; the same statistics for the judge-free baselines
+(CLIPScore, RefCLIPScore, response-reference cosine on the run's embeddings) so a reader sees whether EMI
+tells more than they do; the per-sample agreement; the cost of the judge beside the EMI pipeline's own time
+(paper Table 7); a scatter of EMI against WR coloured by shift kind.
 
 Files: ``<prefix>.json`` (everything, with each sample's verdict), ``.csv`` (one row per task), ``.md``
 and ``.png``.
@@ -13,7 +15,7 @@ import json
 from pathlib import Path
 
 from lmms_emi._io import atomic_write, atomic_write_text
-from lmms_emi.pipeline.agreement import Agreement, JudgeAnalysis
+from lmms_emi.pipeline.agreement import BASELINES, CLIP_SCORE_WEIGHT, Agreement, JudgeAnalysis
 from lmms_emi.tables import csv_table, fmt_ci, fmt_number, fmt_p, markdown_table
 
 __all__ = ["AGREEMENT_COLUMNS", "agreement_headline", "to_csv", "to_markdown", "write_agreement_report"]
@@ -30,6 +32,7 @@ AGREEMENT_COLUMNS = (
     "mean_ref_score",
     "mean_model_score",
     "source",
+    *BASELINES,
 )
 _KIND_COLOURS = {
     "id": "tab:green",
@@ -48,6 +51,53 @@ def _agreement_line(name: str, a: Agreement | None) -> str:
         f"Kendall τ = {fmt_ci(a.kendall_tau, a.kendall_ci)} (p = {fmt_p(a.kendall_p)}), "
         f"n = {a.n_tasks} tasks"
     )
+
+
+def _baseline_rows(judge: JudgeAnalysis, name: str | None = None) -> list[list[str]]:
+    """Rows of the baselines table: EMI first, then each baseline (``name``: one benchmark's)."""
+    scores = {"emi": judge.agreement if name is None else judge.by_benchmark.get(name)}
+    scores |= judge.baselines if name is None else judge.baselines_by_benchmark.get(name, {})
+    rows = []
+    for key, a in scores.items():
+        label = "EMI" if key == "emi" else BASELINES[key]
+        if a is None:
+            rows.append([label, "–", "–", "–", "–", "< 3 tasks"])
+            continue
+        rows.append(
+            [
+                label,
+                fmt_ci(a.spearman_rho, a.spearman_ci),
+                fmt_p(a.spearman_p),
+                fmt_ci(a.kendall_tau, a.kendall_ci),
+                fmt_p(a.kendall_p),
+                str(a.n_tasks),
+            ]
+        )
+    return rows
+
+
+def _baselines_section(judge: JudgeAnalysis, level: float) -> list[str]:
+    """The baselines beside EMI: the same agreement statistics with WR, and the space they live in."""
+    if not judge.baselines:
+        return []
+    lines = [
+        "",
+        f"## Does EMI tell more than a similarity score? ({level:.0%} bootstrap intervals over tasks)",
+        "",
+        "Judge-free baselines, task means over the same samples EMI uses: CLIPScore = "
+        f"{CLIP_SCORE_WEIGHT}·max(cos(image, response), 0); RefCLIPScore = harmonic mean of CLIPScore and "
+        "max(cos(response, reference), 0) (Hessel et al. 2021); cos(response, reference). Embedding space: "
+        + (judge.baseline_space or "the run's embeddings.")
+        + " A baseline that agrees with WR as well as EMI does means EMI adds nothing on this data.",
+        "",
+    ]
+    header = ["score", "Spearman ρ", "p", "Kendall τ", "p", "tasks"]
+    lines += markdown_table(header, _baseline_rows(judge))
+    if len(judge.baselines_by_benchmark) > 1:
+        for name in judge.baselines_by_benchmark:
+            lines += ["", f"{name}:", ""]
+            lines += markdown_table(header, _baseline_rows(judge, name))
+    return lines
 
 
 def to_csv(judge: JudgeAnalysis) -> str:
@@ -79,15 +129,20 @@ def to_markdown(judge: JudgeAnalysis, *, model: str | None = None, level: float 
             fmt_number(t.relative_score, 1),
             str(t.n_scored),
             str(t.n_excluded),
+            fmt_number(t.clip_score),
+            fmt_number(t.ref_clip_score),
+            fmt_number(t.response_reference_cosine),
         ]
         for t in judge.tasks.values()
     ]
-    lines += markdown_table(["task", "shift", "EMI", "WR", "relative score", "scored", "excluded"], rows)
+    header = ["task", "shift", "EMI", "WR", "relative score", "scored", "excluded"]
+    lines += markdown_table([*header, "CLIPScore", "RefCLIPScore", "cos(ŷ, y)"], rows)
     lines += ["", f"## Agreement of EMI and WR across tasks ({level:.0%} bootstrap intervals over tasks)", ""]
     lines.append(_agreement_line("all tasks", judge.agreement))
     if len(judge.by_benchmark) > 1 or (judge.by_benchmark and judge.agreement is None):
         for name, a in judge.by_benchmark.items():
             lines.append(_agreement_line(name, a))
+    lines += _baselines_section(judge, level)
     s = judge.samples
     lines += ["", "## Per sample", ""]
     if s is None:

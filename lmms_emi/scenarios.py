@@ -18,8 +18,9 @@ start with a split name (``<split>_<model>.jsonl``, ``<split>-00000.parquet``) a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lmms_emi.errors import UsageError
 
@@ -219,3 +220,22 @@ def benchmark_of_splits(splits: Iterable[str]) -> str | None:
             counts[scenario.benchmark] += 1
     best = max(BENCHMARKS, key=lambda b: counts[b])
     return best if counts[best] else None
+
+
+# ------------------------------------------------------------------------ the user's own shift families
+#: Keys under a task YAML's ``metadata`` that ``lmms-emi make-shifts`` writes and runs read back: the family,
+#: its ID task, and the task's shift kind ("id", "visual", "text" or "joint").
+FAMILY_KEY, ID_TASK_KEY, SHIFT_KIND_KEY = "lmms_emi_family", "lmms_emi_id_task", "lmms_emi_shift_kind"
+SHIFT_KINDS = ("visual", "text", "joint")
+
+
+def shift_kinds_of(configs: Mapping[str, Any]) -> dict[str, str]:
+    """{task: shift kind} recorded in the ``metadata`` of task configs (lmms-eval's results JSON
+    ``configs``, or loaded task YAMLs); tasks without one are left out."""
+    out: dict[str, str] = {}
+    for task, config in configs.items():
+        meta = config.get("metadata") if isinstance(config, Mapping) else None
+        kind = meta.get(SHIFT_KIND_KEY) if isinstance(meta, Mapping) else None
+        if kind in SHIFT_KINDS:
+            out[str(task)] = str(kind)
+    return out

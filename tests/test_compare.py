@@ -112,3 +112,19 @@ def test_estimators_that_differ_are_refused_naming_them_unless_one_is_given(
     code = main(["compare", str(runs["demo_fitted"]), str(runs["shuffled_fitted"])])
     _, err = capsys.readouterr()
     assert code == 2 and "estimators differ" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compare", "a_results.json", "b_results.json"],
+        ["leaderboard", "runs", "--common-estimator", "--output-path", "board"],
+    ],
+)
+def test_rescoring_with_a_critic_estimator_is_refused_in_one_line(args, tmp_path, capsys, monkeypatch):
+    """compare and --common-estimator re-score with CLUB only: another --mi-estimator is one line, before
+    any run is read."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--mi-estimator", "infonce"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--mi-estimator infonce" in line and "CLUB only" in line

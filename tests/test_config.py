@@ -153,3 +153,12 @@ def test_readme_table_lists_every_variable_once() -> None:
     for f in fields(EMIConfig):
         if f.name != "progress":
             assert flags[option_variable(f.name)] == f.metadata["flag"], f.name
+
+
+def test_the_encoder_choices_are_the_profiles() -> None:
+    """config names the encoder profiles without importing embed (torch): the same names (the estimator names:
+    tests/test_mi_estimators.py)."""
+    from lmms_emi.config import ENCODER_PROFILES
+    from lmms_emi.embed.profiles import PROFILES
+
+    assert list(ENCODER_PROFILES) == list(PROFILES)

@@ -177,3 +177,30 @@ def test_combined_wild_needs_the_normal_split(tmp_path):
     with pytest.raises(ValueError, match="llava_bench_in_the_wild_normal_German is not"):
         write_demo_responses(out, tmp_path / "r", combined_wild=True)
     assert len(write_demo_responses(out, tmp_path / "r2")) == 2  # per-split files work without it
+
+
+def test_demo_shifts_are_the_make_shifts_transforms(syn_dir):
+    """The demo's shifted images and questions are those of ``lmms_emi.shifts`` (imagecorruptions, nlpaug)
+    with make-shifts' row seeds: the photo's index for the image, the question id for the text."""
+    from lmms_emi.shifts.family import row_seed
+    from lmms_emi.shifts.text import TextShift
+    from lmms_emi.shifts.visual import apply_corruption
+
+    dd = datasets.load_from_disk(str(syn_dir))
+    clean = dd["llava_bench_coco"]
+    for split, corruption, severity in (
+        ("llava_bench_coco_defocus_blur_5", "defocus_blur", 5),
+        ("llava_bench_coco_frost_3_KeyboardAug_3", "frost", 3),
+    ):
+        for qid in (0, 2, 4):  # questions_per_image=2: the first question of photos 0, 1, 2
+            photo = qid // 2
+            expected = apply_corruption(_pixels(clean[qid]["image"]).astype(np.uint8), corruption, severity,
+                                        row_seed(0, corruption, photo))  # fmt: skip
+            assert np.array_equal(_pixels(dd[split][qid]["image"]), expected), (split, qid)
+    for split, aug, level in (
+        ("llava_bench_coco_sr_7", "sr", 7),
+        ("llava_bench_coco_frost_3_KeyboardAug_3", "KeyboardAug", 3),
+    ):
+        for qid, question in enumerate(clean["question"]):
+            expected = TextShift(aug, level).apply(question, row_seed(0, aug, qid))
+            assert dd[split][qid]["question"] == expected, (split, qid)

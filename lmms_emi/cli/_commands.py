@@ -29,6 +29,10 @@ COMMANDS: dict[str, Command] = {
         "lmms_emi.cli.train_estimator",
         "fit and freeze one CLUB estimator from the embeddings saved by score/analyze/eval runs",
     ),
+    "make-shifts": Command(
+        "lmms_emi.cli.make_shifts",
+        "write the paper's shift family (imagecorruptions x nlpaug) of any benchmark",
+    ),
     "demo-data": Command(
         "lmms_emi.cli.demo_data", "build the offline demo dataset and a demo model's responses"
     ),
@@ -38,6 +42,9 @@ COMMANDS: dict[str, Command] = {
     "compare": Command(
         "lmms_emi.cli.compare",
         "is one run's EMI really higher than another's? a paired bootstrap over questions",
+    ),
+    "ablate": Command(
+        "lmms_emi.cli.ablate", "EMI vs the judge per MI estimator x embedding space (paper Tables 4-5)"
     ),
     "tasks-path": Command(
         "lmms_emi.cli.tasks_path", "print the plugin's lmms-eval task folder (for lmms-eval --include_path)"

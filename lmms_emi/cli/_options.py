@@ -15,7 +15,14 @@ from lmms_emi.config import EMIConfig, value_kind
 from lmms_emi.environment import warn_deprecated
 from lmms_emi.errors import UsageError
 
-__all__ = ["add_config_options", "add_emi_options", "add_output_options", "config_from", "export_judge_key"]
+__all__ = [
+    "add_config_options",
+    "add_emi_options",
+    "add_output_options",
+    "config_from",
+    "export_judge_key",
+    "require_club",
+]
 
 JUDGE_KEY_VAR = "LMMS_EMI_JUDGE_API_KEY"
 
@@ -151,3 +158,12 @@ def _add_flag(g: Any, f: Any, *, old_flags: bool) -> None:
                 type=kwargs.get("type"),
                 help=argparse.SUPPRESS,
             )
+
+
+def require_club(config: EMIConfig, what: str) -> None:
+    """``what`` re-scores runs with CLUB's closed form only: another ``--mi-estimator`` is one line."""
+    if config.mi_estimator != "club":
+        raise UsageError(
+            f"--mi-estimator {config.mi_estimator}: {what} re-scores runs with CLUB only; compare critic "
+            "estimates with `lmms-emi ablate` instead"
+        )

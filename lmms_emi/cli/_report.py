@@ -23,6 +23,7 @@ def finish(
     metadata: Mapping[str, Any],
     out_dir: Path,
     judge: JudgeRun | None = None,
+    shift_kinds: Mapping[str, str] | None = None,
 ) -> int:
     """Run the pipeline on ``samples`` with what the preflight built (and the judge step when ``judge`` is
     given), write the run's reports into ``out_dir`` (checked by the preflight) and print the headlines."""
@@ -34,6 +35,7 @@ def finish(
         metadata=metadata,
         estimator=ready.estimator,
         judge=judge,
+        shift_kinds=shift_kinds,
     )
     written = write_run_reports(run, out_dir)
     for line in format_headlines(run):

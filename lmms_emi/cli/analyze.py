@@ -52,6 +52,7 @@ def run(ns: argparse.Namespace) -> int:
 def _run(ns: argparse.Namespace, ready: Ready, out: Path) -> int:
     from lmms_emi.cli._report import check_sizes, finish
     from lmms_emi.pipeline.agreement import JudgeRun
+    from lmms_emi.scenarios import shift_kinds_of
     from lmms_emi.sources.run_folder import read_run
 
     progress = ready.config.progress
@@ -69,4 +70,5 @@ def _run(ns: argparse.Namespace, ready: Ready, out: Path) -> int:
         "run_dir": str(ns.run_dir),
         "results_file": records.results_file,
     }
-    return finish(ready, samples, metadata, out, judge=judge)
+    kinds = shift_kinds_of(records.configs)  # the user's own shift family: its YAMLs say each task's kind
+    return finish(ready, samples, metadata, out, judge=judge, shift_kinds=kinds)

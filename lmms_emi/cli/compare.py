@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from lmms_emi.cli._commands import subcommand_parser
-from lmms_emi.cli._options import add_emi_options, config_from
+from lmms_emi.cli._options import add_emi_options, config_from, require_club
 from lmms_emi.errors import EXIT_OK
 
 NAME = "compare"
@@ -48,6 +48,7 @@ def run(ns: argparse.Namespace) -> int:
     from lmms_emi.leaderboard.paired import compare_runs
 
     config = config_from(ns)
+    require_club(config, "compare")
     result = compare_runs(
         ns.run_a,
         ns.run_b,

@@ -33,9 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(ns: argparse.Namespace) -> int:
     from lmms_emi.pipeline.preflight import check_outputs
+    from lmms_emi.shifts.compat import check_installed
 
     out = Path(ns.dir)
     check_outputs({"DIR": out})  # before anything is built
+    check_installed("demo-data")
     dataset_dir = build_demo_dataset(
         out / "dataset",
         benchmark=ns.benchmark,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lmms_emi._io import ensure_writable_dir
 from lmms_emi.cli._commands import subcommand_parser
-from lmms_emi.cli._options import add_emi_options, config_from
+from lmms_emi.cli._options import add_emi_options, config_from, require_club
 from lmms_emi.errors import EXIT_OK, UsageError
 from lmms_emi.leaderboard import DEFAULT_SORT, build_leaderboard, write_leaderboard
 from lmms_emi.leaderboard.render import check_targets
@@ -97,6 +97,7 @@ def _run(ns: argparse.Namespace) -> int:
             )
         check_targets(Path(ns.output_path), [COMMON_ESTIMATOR_FILE], overwrite=ns.overwrite)  # before the fit
         config = config_from(ns)
+        require_club(config, "--common-estimator")
         common = CommonEstimator(
             Path(ns.output_path),
             steps=config.estimator_steps,

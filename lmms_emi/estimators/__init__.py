@@ -8,6 +8,12 @@
   fitted protocol.
 - :mod:`lmms_emi.estimators.checkpoint` — the checkpoint format (safetensors + :class:`CheckpointManifest`).
 - :mod:`lmms_emi.estimators.rjsd` — representation Jensen-Shannon divergence.
+- :mod:`lmms_emi.estimators.mi_bounds` — InfoNCE, NWJ and DV (MINE) lower bounds as pure functions of a
+  critic's score matrix; :mod:`lmms_emi.estimators.critics` — the critics (separable, concat);
+  :mod:`lmms_emi.estimators.critic_mi` — :class:`CriticMI`, the critic estimators' fit, estimate, checkpoint.
+- :mod:`lmms_emi.estimators.mmd` — MMD² with a Gaussian kernel (median-heuristic bandwidth).
+- :mod:`lmms_emi.estimators.families` — the estimators by name (:data:`MI_ESTIMATORS`,
+  :data:`JSD_ESTIMATORS`) and the :class:`MIEstimator` interface.
 """
 
 from lmms_emi.estimators.checkpoint import CheckpointManifest
@@ -18,17 +24,33 @@ from lmms_emi.estimators.club_form import (
     club_sample_contributions,
     weighted_club_mutual_information,
 )
+from lmms_emi.estimators.critic_mi import CriticMI
+from lmms_emi.estimators.families import (
+    JSD_ESTIMATORS,
+    MI_ESTIMATORS,
+    MIEstimator,
+    load_mi_estimator,
+    make_mi_estimator,
+)
+from lmms_emi.estimators.mmd import mmd_squared
 from lmms_emi.estimators.rjsd import rjsd, rjsd_from_covariances, second_moment
 
 __all__ = [
     "CLUB",
+    "JSD_ESTIMATORS",
+    "MI_ESTIMATORS",
     "CheckpointError",
     "CheckpointManifest",
+    "CriticMI",
     "EncoderMismatchError",
+    "MIEstimator",
     "NotFittedError",
     "WeightedEstimate",
     "club_mutual_information",
     "club_sample_contributions",
+    "load_mi_estimator",
+    "make_mi_estimator",
+    "mmd_squared",
     "rjsd",
     "rjsd_from_covariances",
     "second_moment",

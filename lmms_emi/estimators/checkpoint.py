@@ -33,7 +33,9 @@ from lmms_emi.encoder_spec import PAPER_ENCODERS, spec_differences
 from lmms_emi.errors import CheckpointError, EncoderMismatchError
 
 __all__ = [
+    "CRITIC_FORMAT_NAME",
     "FORMAT_NAME",
+    "FORMAT_NAMES",
     "FORMAT_VERSION",
     "MANIFEST_KEY",
     "MU_NORM_LIMIT",
@@ -51,6 +53,10 @@ __all__ = [
 
 MANIFEST_KEY = "lmms_emi_manifest"
 FORMAT_NAME = "lmms-emi-club"
+#: The manifest format of the critic MI estimators (InfoNCE, NWJ, MINE: :mod:`.critic_mi`); its
+#: ``hyperparameters`` name the estimator, the critic and its sizes. A CLUB's manifest keeps FORMAT_NAME.
+CRITIC_FORMAT_NAME = "lmms-emi-critic"
+FORMAT_NAMES = (FORMAT_NAME, CRITIC_FORMAT_NAME)
 FORMAT_VERSION = 1
 
 #: Largest Euclidean norm |μ(x)| accepted of an estimator's mean on inputs of norm ≤ 1 (on load: the
@@ -108,8 +114,8 @@ class CheckpointManifest:
         for key, kind in kinds.items():
             if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
                 raise ValueError(f"manifest field {key} must be {names[kind]}, got {data[key]!r}")
-        if data.get("format", FORMAT_NAME) != FORMAT_NAME:
-            raise ValueError(f"manifest of format {data['format']!r}, expected {FORMAT_NAME!r}")
+        if data.get("format", FORMAT_NAME) not in FORMAT_NAMES:
+            raise ValueError(f"manifest of format {data['format']!r}, expected one of {FORMAT_NAMES}")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -13,11 +13,13 @@ session (:func:`register`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmms_emi import lmms_eval_compat as compat
+from lmms_emi import scenarios as sc
 from lmms_emi.errors import UsageError
 from lmms_emi.harness import overrides
 from lmms_emi.harness.session import ForeignTask, RunSession
@@ -92,6 +94,61 @@ def register(run: RunSession, task_manager: Any, name: str) -> None:
             process_docs=config.get("process_docs"),
         )
     )
+
+
+@dataclass
+class NativeTasks:
+    """Which ``--metrics emi`` names are the user's EMI tasks or groups of them (task YAMLs calling the
+    plugin's ``process_results``, as ``lmms-emi make-shifts`` writes them), and the ID task their YAML
+    ``metadata`` names (:data:`lmms_emi.scenarios.ID_TASK_KEY`; the shift kinds are read back from the
+    results' configs). A group is scored as its tasks (``groups``: the group's tasks, in its order)."""
+
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    leaves: set[str] = field(default_factory=set)  # every task of the native names
+    id_tasks: set[str] = field(default_factory=set)
+
+
+def native_emi_tasks(include_path: str | None, names: Iterable[str]) -> NativeTasks:
+    """Classify ``names`` against the user's ``--include_path`` folder(s) (comma-separated) alone: a task is
+    native when its ``process_results`` is the plugin's, a group when all of its tasks are."""
+    from lmms_emi.harness import task_utils
+
+    found = NativeTasks()
+    paths = [p for p in (include_path or "").split(",") if p.strip()]
+    if not paths:
+        return found
+    manager = compat.task_manager_class()(include_defaults=False, include_path=paths)
+
+    def leaves(name: str, seen: frozenset[str] = frozenset()) -> list[str] | None:
+        kind = compat.task_kind(manager, name)
+        if kind is None or name in seen:
+            return None
+        config = compat.task_config(manager, name)
+        if kind == "task":
+            if config.get("process_results") is not task_utils.process_results:
+                return None
+            meta = config.get("metadata") or {}
+            if meta.get(sc.ID_TASK_KEY):
+                found.id_tasks.add(str(meta[sc.ID_TASK_KEY]))
+            return [name]
+        members = config.get("task")
+        if kind != "group" or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            return None
+        out: list[str] = []
+        for member in members:
+            got = leaves(member, seen | {name})
+            if got is None:
+                return None
+            out.extend(got)
+        return out
+
+    for name in names:
+        tasks = leaves(name)
+        if tasks:
+            found.leaves.update(tasks)
+            if compat.task_kind(manager, name) == "group":
+                found.groups[name] = list(dict.fromkeys(tasks))
+    return found
 
 
 def write_task_folder(plan: Any, run_dir: Path) -> Path:

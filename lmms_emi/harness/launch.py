@@ -24,6 +24,7 @@ successful), and turns errors into one line and an exit status.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lmms_emi import lmms_eval_compat as compat
+from lmms_emi import scenarios as sc
 from lmms_emi._io import os_error_of, scratch_dir
 from lmms_emi.config import EMIConfig
 from lmms_emi.errors import EXIT_OK, LmmsEmiError, RunFailedError, UsageError, one_line
@@ -142,7 +144,7 @@ class EvalRun:
         for message in process_warnings(processes):
             print(f"lmms-emi: warning: {message}", file=sys.stderr)
         try:
-            analysis = run.finalize(metadata)
+            analysis = run.finalize(metadata, shift_kinds=sc.shift_kinds_of(results.get("configs") or {}))
             run_id = (
                 results_file.name[: -len(RESULTS_SUFFIX)]
                 if results_file is not None and report_dir == results_file.parent
@@ -337,6 +339,12 @@ def prepare_run(
     if names_tasks:
         plan = select_tasks(peek.tasks)
         check_local_splits(plan, data)
+        native = foreign.native_emi_tasks(peek.include_path if metrics else None, plan.foreign)
+        for group, tasks in native.groups.items():  # a group of the user's EMI tasks: scored as its tasks
+            plan.tasks = _replaced(plan.tasks, group, tasks)
+            plan.foreign = _replaced(plan.foreign, group, tasks)
+        if config.id_task is None and len(native.id_tasks) == 1:  # the ID task the family's YAMLs name
+            config = dataclasses.replace(config, id_task=next(iter(native.id_tasks)))
         if config.id_task is not None:
             plan_run([config.id_task], config.id_task)  # a plugin task cannot be the explicit ID task
             if not metrics:
@@ -348,7 +356,7 @@ def prepare_run(
                 plan.tasks.append(config.id_task)
                 plan.foreign.append(config.id_task)
                 plan.added.append(config.id_task)
-        if metrics and len(plan.foreign) > 1 and config.id_task is None:
+        if metrics and len(plan.foreign) + len(native.leaves) > 1 and config.id_task is None:
             notes.append(
                 "EMI only for your own tasks; for EMID and the bounds name their ID task with "
                 "--emi-id-task (plain lmms-eval: LMMS_EMI_ID_TASK)"
@@ -393,6 +401,14 @@ def prepare_run(
         model=peek.model,
         model_args=peek.model_args,
     )
+
+
+def _replaced(names: list[str], name: str, by: list[str]) -> list[str]:
+    """``names`` with ``name`` replaced by ``by`` (names already present not repeated)."""
+    out: list[str] = []
+    for n in names:
+        out.extend(t for t in (by if n == name else [n]) if t not in out)
+    return out
 
 
 # Rough sizes of what a run writes, to refuse a disk that clearly cannot hold it before any generation: the

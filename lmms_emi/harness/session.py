@@ -256,8 +256,11 @@ class RunSession:
                 ]
             return out
 
-    def finalize(self, metadata: Mapping[str, Any] | None = None) -> RunAnalysis:
-        """Every registered task through the one pipeline (embeddings and a fixed estimator reused).
+    def finalize(
+        self, metadata: Mapping[str, Any] | None = None, *, shift_kinds: Mapping[str, str] | None = None
+    ) -> RunAnalysis:
+        """Every registered task through the one pipeline (embeddings and a fixed estimator reused);
+        ``shift_kinds``: the kinds of the user's own shifted tasks (their YAMLs' metadata).
         Raises ValueError with a one-line message on user errors (too few samples, mismatches, ...)."""
         with self._lock:
             judge = None
@@ -265,7 +268,9 @@ class RunSession:
             if settings is not None:  # the judge step (win rates) over every task's records
                 records = {t: self._samples[t] for t in self.tasks()}
                 judge = JudgeRun.from_records(Judge(settings), records, progress=self.config.progress)
-            run = self._analyze(self.tasks(), self.fixed_estimator(), metadata, judge=judge)
+            run = self._analyze(
+                self.tasks(), self.fixed_estimator(), metadata, judge=judge, shift_kinds=shift_kinds
+            )
             return with_task_notes(run, self.filled_notes())
 
     def filled_notes(self) -> dict[str, list[str]]:
@@ -289,6 +294,7 @@ class RunSession:
         estimator: tuple[CLUB, EstimatorInfo] | None,
         metadata: Mapping[str, Any] | None = None,
         judge: JudgeRun | None = None,
+        shift_kinds: Mapping[str, str] | None = None,
     ) -> RunAnalysis:
         run = analyze_run(
             self.samples([t for t in tasks if t not in self._embeddings]),
@@ -300,6 +306,7 @@ class RunSession:
             estimator=estimator,
             id_task=self.config.id_task,
             judge=judge,
+            shift_kinds=shift_kinds,
         )
         self._embeddings.update(run.embeddings)
         return run

@@ -15,10 +15,18 @@ run already has (an lmms-eval samples log's judge scores), asks the judge for th
   e_i = s_i(ŷ) − s_i(y). Against the judge's preference d_i = r(ŷ_i) − r(y_i): Spearman(e, d), the
   point-biserial r between e and the win indicator, and the AUC P(e_win > e_not-win) (Mann-Whitney U).
   EMID and the bounds have no per-sample form (they compare two tasks' distributions), so they are not
-  compared per sample.
+  compared per sample;
+* baselines (:data:`BASELINES`), judge-free scores computed on the run's own embeddings as task means over
+  the same samples EMI uses, with the same Spearman ρ / Kendall τ against WR, so the report shows whether
+  EMI agrees with the judge better than a cheap similarity does: CLIPScore = w·max(cos(z_v, z_ŷ), 0) with
+  w = 2.5, RefCLIPScore = harmonic mean of CLIPScore and max(cos(z_ŷ, z_y), 0) (Hessel et al. 2021), and
+  the response-reference cosine cos(z_ŷ, z_y) (as in BERTScore, on sentence vectors). They are CLIPScore's
+  formulas, not CLIP's numbers: the image and response vectors are those of the run's encoders
+  (:func:`baseline_space` says which space that is).
 
 Over 400 lines: the judge step's result types and their serialisation sit beside the statistics that fill
-them; the statistics themselves are scipy's (``spearmanr``, ``kendalltau``, ``bootstrap``, ``mannwhitneyu``).
+them (EMI's and the baselines', computed by the same ``agreement``); the statistics themselves are scipy's
+(``spearmanr``, ``kendalltau``, ``bootstrap``, ``mannwhitneyu``).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,13 +44,17 @@ import torch
 from scipy import stats
 
 from lmms_emi import scenarios as sc
-from lmms_emi.emi import TaskEmbeddings, query_embedding
+from lmms_emi.embed.encoders import JOINT_QUERY_FEATURES
+from lmms_emi.emi import TaskEmbeddings, prepare_task, query_embedding
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.estimators.club_form import club_sample_contributions
+from lmms_emi.estimators.critic_mi import CriticMI
 from lmms_emi.judge import Judge, JudgeItem, Judgment, relative_score, win_rate
 from lmms_emi.pipeline.shift import correlate, json_ready
 
 __all__ = [
+    "BASELINES",
+    "CLIP_SCORE_WEIGHT",
     "MIN_TASKS",
     "Agreement",
     "JudgeAnalysis",
@@ -50,12 +62,24 @@ __all__ = [
     "SampleAgreement",
     "TaskJudge",
     "agreement",
+    "baseline_space",
+    "clip_scores",
+    "cosine_rows",
     "judge_run",
+    "ref_clip_scores",
     "sample_agreement",
     "sample_contributions",
+    "task_baselines",
 ]
 
 MIN_TASKS = 3  # a rank correlation over fewer tasks means nothing
+CLIP_SCORE_WEIGHT = 2.5  # Hessel et al. (2021): w in CLIP-S = w · max(cos, 0)
+#: The judge-free baselines beside EMI: field of :class:`TaskJudge` -> label in the reports.
+BASELINES: dict[str, str] = {
+    "clip_score": "CLIPScore",
+    "ref_clip_score": "RefCLIPScore",
+    "response_reference_cosine": "cos(response, reference)",
+}
 
 
 @dataclass
@@ -111,6 +135,10 @@ class TaskJudge:
     mean_model_score: float | None
     source: str  # "judge", "log" or "judge+log"
     excluded_reasons: dict[str, int] = field(default_factory=dict)
+    # baselines (task means over the task's samples, on the run's embeddings; None without the texts)
+    clip_score: float | None = None
+    ref_clip_score: float | None = None
+    response_reference_cosine: float | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,10 @@ class JudgeAnalysis:
     cost: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # each baseline's agreement with WR (the statistics EMI gets), over all tasks and per benchmark
+    baselines: dict[str, Agreement | None] = field(default_factory=dict)
+    baselines_by_benchmark: dict[str, dict[str, Agreement | None]] = field(default_factory=dict)
+    baseline_space: str = ""  # which embeddings the baselines were computed on (baseline_space)
 
     @property
     def n_scored(self) -> int:
@@ -188,6 +220,12 @@ class JudgeAnalysis:
             "cost": self.cost,
             "config": self.config,
             "warnings": list(self.warnings),
+            "baselines": {k: None if v is None else asdict(v) for k, v in self.baselines.items()},
+            "baselines_by_benchmark": {
+                b: {k: None if v is None else asdict(v) for k, v in rows.items()}
+                for b, rows in self.baselines_by_benchmark.items()
+            },
+            "baseline_space": self.baseline_space,
         }
         if with_judgments:
             out["judgments"] = {k: [j.to_dict() for j in v] for k, v in self.judgments.items()}
@@ -247,11 +285,17 @@ def agreement(
 
 
 @torch.no_grad()
-def sample_contributions(club: CLUB, emb: TaskEmbeddings) -> np.ndarray:
+def sample_contributions(club: CLUB | CriticMI, emb: TaskEmbeddings) -> np.ndarray:
     """e_i = s_i(ŷ) − s_i(y) with s_i(y) = log q(y_i|x_i) − 1/N Σ_j log q(y_j|x_i): the per-sample terms
-    whose mean is the task's EMI (float64; rows L2-normalised as EMI normalises them)."""
+    whose mean is the task's EMI (float64; rows L2-normalised as EMI normalises them). A critic estimator:
+    its bound's per-sample terms (:meth:`~lmms_emi.estimators.critic_mi.CriticMI.sample_contributions`)."""
     if emb.z_model is None or emb.z_ref is None:
         raise ValueError("per-sample EMI needs both responses and references")
+    if isinstance(club, CriticMI):
+        checked = prepare_task(club, emb).emb
+        z_x = (checked.z_v + checked.z_t) / 2
+        model, ref = (club.sample_contributions(z_x, z) for z in (checked.z_model, checked.z_ref))
+        return (model - ref).double().cpu().numpy()
     mu, logvar = club.conditional_params(query_embedding(emb.z_v, emb.z_t))
     targets = (emb.z_model, emb.z_ref)
     normalised = [torch.nn.functional.normalize(z.double().to(mu.device), dim=1) for z in targets]
@@ -288,6 +332,86 @@ def sample_agreement(contributions: Sequence[float], preferences: Sequence[float
         pointbiserial_p=None if pb is None else ok(pb.pvalue),
         auc=None if mw is None else ok(mw.statistic / (n_wins * (len(e) - n_wins))),
         auc_p=None if mw is None else ok(mw.pvalue),
+    )
+
+
+# ------------------------------------------------------------------------------------------ baselines
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """cos(a_i, b_i) = a_i·b_i / (‖a_i‖ ‖b_i‖) row by row, float64 (a zero row gives 0).
+
+    >>> cosine_rows(torch.tensor([[1.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 2.0], [3.0, 4.0]])).tolist()
+    [0.0, 1.0]
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"rows {tuple(a.shape)} and {tuple(b.shape)} differ in shape")
+    an = torch.nn.functional.normalize(torch.as_tensor(a).double(), dim=1)
+    bn = torch.nn.functional.normalize(torch.as_tensor(b).double(), dim=1)
+    return (an * bn).sum(dim=1).cpu().numpy()
+
+
+def clip_scores(z_image: torch.Tensor, z_response: torch.Tensor, w: float = CLIP_SCORE_WEIGHT) -> np.ndarray:
+    """CLIP-S_i = w · max(cos(z_image_i, z_response_i), 0) (Hessel et al. 2021, w = 2.5).
+
+    >>> clip_scores(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[3.0, 4.0], [-1.0, 0.0]])).tolist()
+    [1.5, 0.0]
+    """
+    return w * np.maximum(cosine_rows(z_image, z_response), 0.0)
+
+
+def ref_clip_scores(
+    z_image: torch.Tensor, z_response: torch.Tensor, z_ref: torch.Tensor, w: float = CLIP_SCORE_WEIGHT
+) -> np.ndarray:
+    """RefCLIP-S_i = H(CLIP-S_i, max(cos(z_response_i, z_ref_i), 0)) with the harmonic mean
+    H(a, b) = 2ab / (a + b) (0 when a + b = 0) (Hessel et al. 2021, one reference per sample).
+
+    >>> ref_clip_scores(torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 1.0]]))
+    array([1.04347826])
+    """
+    c = clip_scores(z_image, z_response, w)
+    r = np.maximum(cosine_rows(z_response, z_ref), 0.0)
+    total = c + r
+    return np.divide(2.0 * c * r, total, out=np.zeros_like(total), where=total > 0)
+
+
+def task_baselines(emb: TaskEmbeddings, w: float = CLIP_SCORE_WEIGHT) -> dict[str, float | None]:
+    """The task means of the :data:`BASELINES` over all of a task's samples (the samples EMI averages over):
+    CLIPScore on (z_v, z_ŷ), RefCLIPScore on (z_v, z_ŷ, z_y), cos(z_ŷ, z_y); None where the task has no
+    responses (all three) or no references (the two that need one)."""
+    out: dict[str, float | None] = dict.fromkeys(BASELINES)
+    if emb.z_model is None or len(emb.z_model) == 0:
+        return out
+    out["clip_score"] = float(clip_scores(emb.z_v, emb.z_model, w).mean())
+    if emb.z_ref is not None:
+        out["ref_clip_score"] = float(ref_clip_scores(emb.z_v, emb.z_model, emb.z_ref, w).mean())
+        out["response_reference_cosine"] = float(cosine_rows(emb.z_model, emb.z_ref).mean())
+    return out
+
+
+def baseline_space(encoder_spec: Mapping[str, Any] | None) -> str:
+    """One sentence naming the embeddings the baselines use, from the run's encoder spec: CLIPScore's image
+    side is z_v (the vision encoder's vector, or with a joint-query encoder the image-and-question vector),
+    its text side and the reference side are the text encoder's vectors."""
+    if not encoder_spec or "vision" not in encoder_spec or "text" not in encoder_spec:
+        return "the run's image and response embeddings (encoders not recorded)"
+    v, t = encoder_spec["vision"], encoder_spec["text"]
+    image = f"`{v.get('name')}` ({v.get('feature')})"
+    text = f"`{t.get('name')}` ({t.get('feature')}, layer {t.get('layer')})"
+    if v.get("feature") in JOINT_QUERY_FEATURES:
+        side = f"the joint image-and-question vector of {image}"
+    else:
+        side = f"the image vector of {image}"
+    if "projection" in encoder_spec:
+        side += " after its random projection"
+    shared = v.get("name") == t.get("name")
+    space = (
+        "one model embeds both sides (a shared image-text space)"
+        if shared
+        else "the two sides come from different encoders, so cos(image, response) is a cross-space "
+        "similarity, not CLIP's image-text score: it is CLIPScore's formula on this run's embeddings"
+    )
+    return (
+        f"CLIPScore / RefCLIPScore use {side} against the response vector of {text}; {space}. "
+        f"The reference terms compare two texts in the text encoder's space."
     )
 
 
@@ -338,9 +462,11 @@ def judge_run(
     embeddings: Mapping[str, TaskEmbeddings],
     settings: Mapping[str, Any],
     emi_seconds: float,
+    encoder_spec: Mapping[str, Any] | None = None,
 ) -> JudgeAnalysis:
     """The judge step over the run's tasks (``emi`` gives their order): verdicts from ``request.judgments``
-    first, the judge for the rest; per-task WR, agreement, per-sample agreement, cost."""
+    first, the judge for the rest; per-task WR, agreement, per-sample agreement, the baselines' agreement
+    (on ``embeddings``; ``encoder_spec`` names their space in the report), cost."""
     notes: list[str] = []
     todo: list[JudgeItem] = []
     have: dict[str, dict[Any, Judgment]] = {}
@@ -373,17 +499,25 @@ def judge_run(
     judge_seconds = time.perf_counter() - started
     judgments = {t: [rows[k] for k in _doc_order(rows)] for t, rows in have.items()}
     per_task = {t: _task_judge(t, kinds.get(t, "ood"), emi.get(t), rows) for t, rows in judgments.items()}
+    per_task = {  # the baselines, on the same embeddings EMI used
+        t: replace(row, **task_baselines(embeddings[t])) if t in embeddings else row
+        for t, row in per_task.items()
+    }
     boot = {
         "n_resamples": int(settings.get("n_resamples", 1000)),
         "confidence_level": float(settings.get("confidence_level", 0.95)),
         "seed": int(settings.get("seed", 0)),
     }
 
-    def over(names: Sequence[str]) -> Agreement | None:
+    def over(names: Sequence[str], score: str = "emi") -> Agreement | None:
+        """Agreement of one score (EMI or a baseline) with WR over the tasks that have both."""
         rows = [
-            per_task[t] for t in names if per_task[t].win_rate is not None and per_task[t].emi is not None
+            per_task[t]
+            for t in names
+            if per_task[t].win_rate is not None and getattr(per_task[t], score) is not None
         ]
-        return agreement([r.emi for r in rows], [r.win_rate for r in rows], [r.task for r in rows], **boot)
+        values = [getattr(r, score) for r in rows]
+        return agreement(values, [r.win_rate for r in rows], [r.task for r in rows], **boot)
 
     by_benchmark: dict[str, list[str]] = {}
     for task in per_task:
@@ -435,4 +569,9 @@ def judge_run(
         cost=cost,
         config={} if request.judge is None else request.judge.config.to_dict(),
         warnings=notes,
+        baselines={b: over(list(per_task), b) for b in BASELINES},
+        baselines_by_benchmark={
+            name: {b: over(names, b) for b in BASELINES} for name, names in by_benchmark.items()
+        },
+        baseline_space=baseline_space(encoder_spec),
     )

@@ -1,7 +1,12 @@
 """The estimator policy of a run: a given checkpoint, a registered estimator (by name, or the one registered
 for the run's encoders), or one fitted on the run's pooled (query, response) and (query, reference) pairs
 (the paper's protocol; by default the fast closed-form fit of :mod:`lmms_emi.estimators.club_fit`,
-``--estimator-fit paper`` for the paper's Adam recipe with early stopping on a held-out split)."""
+``--estimator-fit paper`` for the paper's Adam recipe with early stopping on a held-out split).
+
+The MI estimator family is chosen by ``--mi-estimator`` (:data:`~lmms_emi.estimators.families.MI_ESTIMATORS`):
+``club`` (the default) as above; ``infonce``, ``nwj`` or ``mine`` are fitted on the same pooled pairs with the
+same seed and held-out early stopping (:meth:`CriticMI.fit <lmms_emi.estimators.critic_mi.CriticMI.fit>`), or
+loaded from a checkpoint of that estimator (registered estimators are CLUBs)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,13 @@ from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.encoder_spec import spec_differences
 from lmms_emi.errors import EncoderMismatchError, UsageError
 from lmms_emi.estimators.club import CLUB, FIT_METHODS
+from lmms_emi.estimators.critic_mi import CriticMI
+from lmms_emi.estimators.families import (
+    DEFAULT_MI_ESTIMATOR,
+    MI_ESTIMATORS,
+    checkpoint_estimator_name,
+    make_mi_estimator,
+)
 
 __all__ = [
     "DEFAULT_PATIENCE",
@@ -44,7 +56,9 @@ class EstimatorPolicy:
     into one) and, when one is fitted, ``steps`` / ``seed`` / ``patience`` (held-out evaluations without
     improvement before the fit stops, :meth:`CLUB.fit <lmms_emi.estimators.club.CLUB.fit>`; None trains
     exactly ``steps`` steps, the paper's recipe) and ``fit_method`` ("fast": closed-form start and a short
-    full-batch refinement; "paper": AdamW on mini-batches). ``progress`` also shows a download's progress."""
+    full-batch refinement; "paper": AdamW on mini-batches). ``progress`` also shows a download's progress.
+    ``mi_estimator``: the MI estimator family (``club``, ``infonce``, ``nwj`` or ``mine``); ``fit_method``
+    concerns a CLUB only."""
 
     choice: EstimatorChoice = field(default_factory=EstimatorChoice)
     steps: int = 5000
@@ -52,6 +66,7 @@ class EstimatorPolicy:
     progress: bool = True
     patience: int | None = DEFAULT_PATIENCE
     fit_method: str = "fast"
+    mi_estimator: str = DEFAULT_MI_ESTIMATOR
 
     def __post_init__(self) -> None:
         if not isinstance(self.choice, EstimatorChoice):
@@ -62,6 +77,10 @@ class EstimatorPolicy:
             raise UsageError(f"the estimator's early-stopping patience must be >= 1, got {self.patience}")
         if self.fit_method not in FIT_METHODS:
             raise UsageError(f"the estimator fit must be one of {FIT_METHODS}, got {self.fit_method!r}")
+        if self.mi_estimator not in MI_ESTIMATORS:
+            raise UsageError(
+                f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {self.mi_estimator!r}"
+            )
 
     @classmethod
     def from_config(cls, config: EMIConfig) -> EstimatorPolicy:
@@ -73,6 +92,7 @@ class EstimatorPolicy:
             progress=config.progress,
             patience=config.estimator_patience or None,
             fit_method=config.estimator_fit,
+            mi_estimator=config.mi_estimator,
         )
 
     def check(self, encoder_spec: Mapping[str, Any] | None) -> None:
@@ -82,6 +102,8 @@ class EstimatorPolicy:
         is found on this machine or downloaded (its sha256 verified)."""
         if encoder_spec is not None:
             fixed_estimator(self, encoder_spec)
+        elif self.choice.kind == "registered" and self.mi_estimator != DEFAULT_MI_ESTIMATOR:
+            _refuse_registered(self)
         elif self.choice.kind == "registered":
             registry.resolve(str(self.choice.name), progress=self.progress)
         elif self.choice.kind == "file":
@@ -100,7 +122,7 @@ class EstimatorInfo:
     encoders; "run" — comparable only within this run. ``name``: the registered name of the checkpoint file
     (also when given by path: matched by hash); ``sha256``: the checkpoint file's sha256 (for a fitted one,
     set once the report writer has saved it). Two runs' EMI values are comparable when their ``sha256`` and
-    ``encoders`` agree.
+    ``encoders`` agree. ``mi_estimator``: the MI estimator family (``club``, ``infonce``, ``nwj``, ``mine``).
     """
 
     source: str
@@ -111,6 +133,7 @@ class EstimatorInfo:
     note: str = ""
     name: str | None = None
     sha256: str | None = None
+    mi_estimator: str = DEFAULT_MI_ESTIMATOR
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,11 +166,17 @@ def fit_pooled_estimator(
     progress: bool = True,
     patience: int | None = DEFAULT_PATIENCE,
     method: str = "fast",
-) -> CLUB:
+    mi_estimator: str = DEFAULT_MI_ESTIMATOR,
+) -> CLUB | CriticMI:
     """Fit one CLUB on :func:`pooled_pairs` of all tasks with :meth:`CLUB.fit`'s ``method`` ("fast" or
     "paper"; ``patience``: early stopping on a held-out split, at most ``steps`` steps; None: exactly
-    ``steps`` steps, the paper's recipe)."""
+    ``steps`` steps, the paper's recipe). Another ``mi_estimator`` (``infonce``, ``nwj``, ``mine``) is fitted
+    on the same pairs with the same ``seed``, ``steps`` and ``patience`` (``method`` and ``hidden_size``
+    concern a CLUB)."""
     x, y = pooled_pairs(task_embeddings)
+    if mi_estimator != DEFAULT_MI_ESTIMATOR:
+        critic = make_mi_estimator(mi_estimator, x.shape[1], y.shape[1])
+        return critic.fit(x, y, steps=steps, seed=seed, progress=progress, patience=patience)
     club = CLUB(x_dim=x.shape[1], y_dim=y.shape[1], hidden_size=hidden_size)
     return club.fit(x, y, method=method, steps=steps, seed=seed, progress=progress, patience=patience)
 
@@ -217,9 +246,12 @@ def resolve_estimator(
         progress=policy.progress,
         patience=policy.patience,
         method=policy.fit_method,
+        mi_estimator=policy.mi_estimator,
     )
     manifest = asdict(club.make_manifest(spec))
-    return club, EstimatorInfo("fitted", None, "run", spec, manifest, _FITTED_NOTE)
+    return club, EstimatorInfo(
+        "fitted", None, "run", spec, manifest, _FITTED_NOTE, mi_estimator=policy.mi_estimator
+    )
 
 
 def fixed_estimator(
@@ -229,6 +261,15 @@ def fixed_estimator(
     registered one for these encoders, downloaded if needed), loaded once; None when the policy fits one."""
     spec = dict(encoder_spec)
     choice = policy.choice
+    if policy.mi_estimator != DEFAULT_MI_ESTIMATOR:
+        return _fixed_critic(policy, spec)
+    if choice.path is not None and choice.path.is_file():
+        held = checkpoint_estimator_name(choice.path)
+        if held != DEFAULT_MI_ESTIMATOR:
+            raise UsageError(
+                f"--estimator {choice}: the file holds a {held} estimator, not a CLUB; "
+                f"add --mi-estimator {held}"
+            )
     if choice.kind == "registered":
         entry = registry.registry_entry(str(choice.name))
         return _registered(entry, spec, progress=policy.progress, default=False)
@@ -246,3 +287,35 @@ def fixed_estimator(
         if entry is not None:
             return _registered(entry, spec, progress=policy.progress, default=True)
     return None
+
+
+def _refuse_registered(policy: EstimatorPolicy) -> None:
+    raise UsageError(
+        f"--estimator {policy.choice}: registered estimators are CLUBs; --mi-estimator {policy.mi_estimator} "
+        f"needs --estimator fit (the default) or a checkpoint of a {policy.mi_estimator} estimator"
+    )
+
+
+def _fixed_critic(policy: EstimatorPolicy, spec: dict[str, Any]) -> tuple[CriticMI, EstimatorInfo] | None:
+    """A critic estimator's checkpoint (``--estimator FILE``), checked to hold ``policy.mi_estimator`` and
+    trained on ``spec``; None when it is fitted on the run (the default: no critic is registered)."""
+    choice = policy.choice
+    if choice.kind == "registered":
+        _refuse_registered(policy)
+    if choice.path is None:
+        return None
+    if not choice.path.is_file():
+        raise UsageError(f"--estimator {choice}: no such file")
+    held = checkpoint_estimator_name(choice.path)
+    if held != policy.mi_estimator:
+        raise UsageError(
+            f"--estimator {choice}: the file holds a {held} estimator, "
+            f"but --mi-estimator is {policy.mi_estimator}"
+        )
+    critic = CriticMI.from_checkpoint(choice.path, encoders=spec)
+    manifest = asdict(critic.manifest_) if critic.manifest_ is not None else None
+    name, digest = _file_identity(choice.path)
+    info = EstimatorInfo(
+        "checkpoint", str(choice.value), "global", spec, manifest, "", name, digest, policy.mi_estimator
+    )
+    return critic, info

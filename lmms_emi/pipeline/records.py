@@ -73,6 +73,8 @@ def embed_tasks(embedder: Any, samples_by_task: Mapping[str, Sequence[Sample]]) 
     texts: list[str] = []
     text_ids: list[str] = []  # names each text in the embedder's errors
     layout: list[tuple[str, int, int, int, int | None, int | None]] = []
+    joint = bool(getattr(embedder, "joint_query", False))  # z_v = z_t = the joint (image, question) vector
+    questions: list[str] = []  # a joint-query embedder's questions (embedded with their images only)
     for task, raw in samples_by_task.items():
         samples = ordered_samples(task, raw)
         if not samples:
@@ -90,8 +92,11 @@ def embed_tasks(embedder: Any, samples_by_task: Mapping[str, Sequence[Sample]]) 
         images.extend(s.image for s in samples)
         image_ids.extend(f"{task} doc_id={s.doc_id}" for s in samples)
         q_start = len(texts)
-        texts.extend(str(s.question) for s in samples)
-        text_ids.extend(f"{task} doc_id={s.doc_id} (question)" for s in samples)
+        if joint:
+            questions.extend(str(s.question) for s in samples)
+        else:
+            texts.extend(str(s.question) for s in samples)
+            text_ids.extend(f"{task} doc_id={s.doc_id} (question)" for s in samples)
         r_start = None
         if responses is not None:
             r_start = len(texts)
@@ -103,7 +108,10 @@ def embed_tasks(embedder: Any, samples_by_task: Mapping[str, Sequence[Sample]]) 
             texts.extend(references)
             text_ids.extend(f"{task} doc_id={s.doc_id} (reference)" for s in samples)
         layout.append((task, n, img_start, q_start, r_start, y_start))
-    z_images = torch.as_tensor(_embed_with_ids(embedder.embed_images, images, image_ids))
+    if joint:
+        z_images = torch.as_tensor(embedder.embed_queries(images, questions, sample_ids=image_ids))
+    else:
+        z_images = torch.as_tensor(_embed_with_ids(embedder.embed_images, images, image_ids))
     z_texts = (
         torch.as_tensor(_embed_with_ids(embedder.embed_texts, texts, text_ids)) if texts else torch.empty(0)
     )
@@ -111,7 +119,7 @@ def embed_tasks(embedder: Any, samples_by_task: Mapping[str, Sequence[Sample]]) 
     for task, n, img_start, q_start, r_start, y_start in layout:
         out[task] = TaskEmbeddings(
             z_v=z_images[img_start : img_start + n],
-            z_t=z_texts[q_start : q_start + n],
+            z_t=z_images[img_start : img_start + n] if joint else z_texts[q_start : q_start + n],
             z_model=None if r_start is None else z_texts[r_start : r_start + n],
             z_ref=None if y_start is None else z_texts[y_start : y_start + n],
         )

@@ -151,6 +151,7 @@ def analyze_run(
     estimator: tuple[CLUB, EstimatorInfo] | None = None,
     id_task: str | None = None,
     judge: JudgeRun | None = None,
+    shift_kinds: Mapping[str, str] | None = None,
 ) -> RunAnalysis:
     """The one pipeline: embed every task's samples, resolve the estimator (``estimator`` when the caller
     already has it, else from ``policy``), and analyse each benchmark against its ID task and every other
@@ -158,7 +159,8 @@ def analyze_run(
 
     The run's tasks are those of ``samples`` and then those of ``embeddings`` (tasks embedded earlier, whose
     samples need not be given again). ``id_task``: the explicit ID task of the tasks of no benchmark
-    (:func:`plan_run`). Raises ValueError naming the task for a task with fewer than 2
+    (:func:`plan_run`); ``shift_kinds``: the shift kind of tasks whose names do not say it (the user's own
+    families, from their YAMLs' metadata). Raises ValueError naming the task for a task with fewer than 2
     samples or unusable samples. With ``judge``, the judge step follows (:mod:`.agreement`: win rates and
     their agreement with EMI); its cost is reported beside this pipeline's own time.
     """
@@ -181,6 +183,7 @@ def analyze_run(
     kwargs = settings.to_dict()  # entropy_scale, n_resamples, confidence_level, seed
     kwargs["notes"] = response_warnings(samples)  # empty answers: flagged per task
     kwargs["estimator"] = info  # named in the refusal of an implausible number
+    kwargs["shift_kinds"] = shift_kinds
     benchmarks: dict[str, ShiftAnalysis] = {}
     for benchmark, (id_task, tasks) in plan.groups.items():
         result = analyze_shift({t: ordered[t] for t in tasks}, id_task, club, **kwargs)
@@ -210,6 +213,7 @@ def analyze_run(
             embeddings=ordered,
             settings=settings.to_dict(),
             emi_seconds=emi_seconds,
+            encoder_spec=spec,  # names the embedding space of the baselines
         )
         run.warnings.extend(run.judge.warnings)
     return run

@@ -44,6 +44,8 @@ from lmms_emi.config import EMIConfig
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.errors import ImplausibleResultError, UsageError
 from lmms_emi.estimators.club import CLUB
+from lmms_emi.estimators.critic_mi import CriticMI
+from lmms_emi.estimators.families import DEFAULT_JSD_ESTIMATOR, JSD_ESTIMATORS, JSD_RANGES, mi_estimator_name
 from lmms_emi.pipeline.estimator import EstimatorInfo
 
 __all__ = [
@@ -71,12 +73,14 @@ _LOGVAR_BOUND = 0.9999  # |log σ²| above this: the Tanh of p_logvar is saturat
 @dataclass(frozen=True)
 class AnalysisSettings:
     """How the numbers of a run are computed: the bound's entropy scale Ĥ (None: scale-adjusted form),
-    bootstrap resamples (0: no intervals), the intervals' confidence level and the seed."""
+    bootstrap resamples (0: no intervals), the intervals' confidence level, the seed and the JSD estimator
+    of the bound's divergence terms (:data:`~lmms_emi.estimators.families.JSD_ESTIMATORS`)."""
 
     entropy_scale: float | None = None
     n_resamples: int = 1000
     confidence_level: float = 0.95
     seed: int = 0
+    jsd_estimator: str = DEFAULT_JSD_ESTIMATOR
 
     def __post_init__(self) -> None:
         if self.entropy_scale is not None and not (
@@ -87,21 +91,34 @@ class AnalysisSettings:
             raise UsageError(f"the number of bootstrap resamples must be >= 0, got {self.n_resamples}")
         if not 0 < self.confidence_level < 1:
             raise UsageError(f"the confidence level must be in (0, 1), got {self.confidence_level}")
+        if self.jsd_estimator not in JSD_ESTIMATORS:
+            raise UsageError(
+                f"the JSD estimator must be one of {', '.join(JSD_ESTIMATORS)}, got {self.jsd_estimator!r}"
+            )
 
     @classmethod
     def from_config(cls, config: EMIConfig) -> AnalysisSettings:
         """The analysis settings of a run's configuration."""
-        return cls(config.entropy_scale, config.bootstrap, config.confidence, config.seed)
+        return cls(
+            config.entropy_scale,
+            config.bootstrap,
+            config.confidence,
+            config.seed,
+            jsd_estimator=config.jsd_estimator,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------------
-def shift_kind(task: str, id_task: str) -> str:
-    """ "id" for the ID task, else the scenario's shift kind ("visual", "text", "joint"), else "ood"."""
+def shift_kind(task: str, id_task: str, kinds: Mapping[str, str] | None = None) -> str:
+    """ "id" for the ID task, else the kind ``kinds`` records for the task (a user's family), else the
+    scenario's shift kind ("visual", "text", "joint"), else "ood"."""
     if task == id_task:
         return "id"
+    if kinds and kinds.get(task) in sc.SHIFT_KINDS:
+        return kinds[task]
     scenario = sc.scenario_for_task(task)
     if scenario is None:
         scenario = sc.parse_split(task)
@@ -206,6 +223,7 @@ class ShiftAnalysis:
 
     ``correlations`` maps the bound's name ("bound", "partial_bound", and "bound_theorem" when an entropy
     scale was given) to its :class:`Correlation` with EMID over the OOD tasks, or None (fewer than 3).
+    ``estimators``: which MI and JSD estimators made the numbers ({"mi": "club", "jsd": "rjsd"} by default).
     """
 
     id_task: str
@@ -214,6 +232,7 @@ class ShiftAnalysis:
     settings: dict[str, Any] = field(default_factory=dict)
     estimator: EstimatorInfo | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    estimators: dict[str, str] = field(default_factory=dict)
 
     @property
     def correlation(self) -> Correlation | None:
@@ -254,6 +273,7 @@ class ShiftAnalysis:
             {
                 "id_task": self.id_task,
                 "settings": self.settings,
+                "estimators": self.estimators,
                 "estimator": None if self.estimator is None else self.estimator.to_dict(),
                 "metadata": self.metadata,
                 "tasks": [asdict(t) for t in self.tasks],
@@ -311,8 +331,17 @@ def _embedding_warnings(emb: TaskEmbeddings) -> list[str]:
     return out
 
 
-def _estimator_warnings(task: emi_lib.PreparedTask) -> list[str]:
-    """An estimator degenerate on these queries: constant μ(x), or log σ²(x) pinned at its upper bound."""
+def _estimator_warnings(task: emi_lib.PreparedTask | emi_lib.PreparedCriticTask) -> list[str]:
+    """An estimator degenerate on these queries: constant μ(x), or log σ²(x) pinned at its upper bound (a
+    critic: constant scores)."""
+    if isinstance(task, emi_lib.PreparedCriticTask):
+        scores = torch.stack([task.scores_model, task.scores_ref])
+        if float(scores.max() - scores.min()) <= 1e-6 * max(1.0, float(scores.abs().max())):
+            return [
+                f"the {task.club.bound} critic's scores are constant over this task, so every MI estimate is "
+                "the bound's value at a constant critic (an untrained or corrupt estimator?)"
+            ]
+        return []
     mu, logvar = task.mu, task.logvar
     out = []
     spread = float((mu - mu.mean(dim=0)).abs().max())
@@ -332,7 +361,7 @@ def _estimator_warnings(task: emi_lib.PreparedTask) -> list[str]:
     return out
 
 
-def _estimator_label(club: CLUB, info: EstimatorInfo | None) -> str:
+def _estimator_label(club: CLUB | CriticMI, info: EstimatorInfo | None) -> str:
     """How errors name the estimator: its registered name or file, else "the estimator"."""
     if info is not None and info.source == "fitted":
         return "the estimator fitted on this run"
@@ -370,7 +399,7 @@ _CHECKED_FIELDS = (
 def analyze_shift(
     task_embeddings: Mapping[str, TaskEmbeddings],
     id_task: str,
-    club: CLUB,
+    club: CLUB | CriticMI,
     *,
     entropy_scale: float | None = None,
     n_resamples: int = 1000,
@@ -378,6 +407,8 @@ def analyze_shift(
     seed: int = 0,
     notes: Mapping[str, Sequence[str]] | None = None,
     estimator: EstimatorInfo | None = None,
+    jsd_estimator: str = DEFAULT_JSD_ESTIMATOR,
+    shift_kinds: Mapping[str, str] | None = None,
 ) -> ShiftAnalysis:
     """EMI per task, EMID / bounds per OOD task against ``id_task``, and their correlations.
 
@@ -388,9 +419,14 @@ def analyze_shift(
     Raises ValueError naming the task for a task with fewer than 2 samples or inconsistent embeddings, and
     :class:`~lmms_emi.errors.ImplausibleResultError` naming the estimator (``estimator``, else the file it
     was loaded from) and the task for a number outside what the math allows
-    (:func:`lmms_emi.emi.implausible`).
+    (:func:`lmms_emi.emi.implausible`). ``club`` may be any MI estimator of
+    :data:`~lmms_emi.estimators.families.MI_ESTIMATORS` (a critic: its intervals are the bound on resampled
+    rows with the critic fixed; no μ-based range check); ``jsd_estimator`` makes the bound's divergence terms
+    (RJSD, or MMD² with its range [0, 2] in the plausibility check).
     """
     label = _estimator_label(club, estimator)
+    if jsd_estimator not in JSD_ESTIMATORS:
+        raise ValueError(f"unknown JSD estimator {jsd_estimator!r}: one of {', '.join(JSD_ESTIMATORS)}")
     if id_task not in task_embeddings:
         raise ValueError(
             f"ID task {id_task!r} is not among the tasks: {', '.join(task_embeddings) or 'none'}"
@@ -414,8 +450,9 @@ def analyze_shift(
             emi_results[task], emi_cis[task] = None, None
             continue
         prepared[task] = _with_task(task, emi_lib.prepare_task, club, emb, "task")
-        mu_norm, logvar_abs = _spread(prepared[task])  # a corrupt estimator is refused before any estimate
-        _refuse_implausible(task, label, emi_lib.implausible({}, mu_norm=mu_norm, logvar_abs=logvar_abs))
+        if isinstance(prepared[task], emi_lib.PreparedTask):  # a corrupt CLUB is refused before any estimate
+            mu_norm, logvar_abs = _spread(prepared[task])
+            _refuse_implausible(task, label, emi_lib.implausible({}, mu_norm=mu_norm, logvar_abs=logvar_abs))
         emi_results[task] = emi_lib.task_emi(prepared[task])
         if resamples(task):
             ci = _with_task(
@@ -448,14 +485,16 @@ def analyze_shift(
     # on the embeddings the estimator saw (validated and normalised once)
     checked = {task: prepared[task].emb if task in prepared else emb for task, emb in task_embeddings.items()}
     divergences = emi_lib.shift_divergences(
-        checked[id_task], {task: emb for task, emb in checked.items() if task != id_task}
+        checked[id_task],
+        {task: emb for task, emb in checked.items() if task != id_task},
+        jsd_estimator=jsd_estimator,
     )
     results: list[TaskResult] = []
     for task, emb in task_embeddings.items():
         emi_res = emi_results[task]
         base = {
             "task": task,
-            "shift_kind": shift_kind(task, id_task),
+            "shift_kind": shift_kind(task, id_task, shift_kinds),
             "n": emb.n,
             "emi": None if emi_res is None else emi_res.emi,
             "mi_model": None if emi_res is None else emi_res.mi_model,
@@ -501,12 +540,18 @@ def analyze_shift(
     if with_emi and all(abs(r.mi_model) < _ZERO_TOL and abs(r.mi_ref) < _ZERO_TOL for r in with_emi):
         zero = "EMI is 0 on every task (every MI estimate is 0): the estimator is degenerate, not the model"
         results = [replace(t, warnings=(*t.warnings, zero)) if t.emi is not None else t for t in results]
-    spreads = {task: _spread(p) for task, p in prepared.items()}
+    spreads = {task: _spread(p) for task, p in prepared.items() if isinstance(p, emi_lib.PreparedTask)}
     for t in results:  # every published number in the range the math allows, or nothing is published
         mu_norm = spreads[t.task][0] if t.task in spreads else None
         id_mu = spreads[id_task][0] if id_task in spreads and t.emid is not None else None
         values = {name: getattr(t, name) for name in _CHECKED_FIELDS}
-        problem = emi_lib.implausible(values, mu_norm=mu_norm, id_mu_norm=id_mu, entropy_scale=entropy_scale)
+        problem = emi_lib.implausible(
+            values,
+            mu_norm=mu_norm,
+            id_mu_norm=id_mu,
+            entropy_scale=entropy_scale,
+            jsd_max=JSD_RANGES[jsd_estimator][1],
+        )
         _refuse_implausible(t.task, label, problem)
     correlations: dict[str, Correlation | None] = {}
     names = ["bound", "partial_bound"] + (["bound_theorem"] if entropy_scale is not None else [])
@@ -521,4 +566,5 @@ def analyze_shift(
         "confidence_level": confidence_level,
         "seed": seed,
     }
-    return ShiftAnalysis(id_task, tuple(results), correlations, settings, estimator)
+    methods = {"mi": mi_estimator_name(club), "jsd": jsd_estimator}
+    return ShiftAnalysis(id_task, tuple(results), correlations, settings, estimator, estimators=methods)

@@ -235,6 +235,8 @@ REPLAYED_OPTIONS = (
     "estimator_steps",
     "estimator_patience",
     "estimator_fit",
+    "mi_estimator",
+    "jsd_estimator",
     "seed",
     "bootstrap",
     "confidence",

