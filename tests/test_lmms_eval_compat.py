@@ -154,6 +154,7 @@ print("SEEN" + json.dumps(seen + [lmms_eval_compat.cli_is_importing()]))
 """
 
 
+@pytest.mark.slow  # a fresh process imports lmms-eval's CLI (~10 s)
 def test_entry_points_load_while_the_cli_imports() -> None:
     with contract("__main__ import order"):
         proc = subprocess.run(

@@ -313,3 +313,9 @@ def test_per_sample_terms_of_a_critic_average_to_its_emi(name):
     terms = sample_contributions(critic, emb)
     assert terms.shape == (emb.n,)
     assert float(terms.mean()) == pytest.approx(task_emi(prepare_task(critic, emb)).emi, abs=1e-9)
+
+
+def test_nwj_of_huge_scores_is_minus_infinity_not_an_overflow():
+    """A diverging critic's NWJ on huge off-diagonal scores is -inf (the fit treats it as divergence)."""
+    scores = torch.full((3, 3), 1000.0)
+    assert mi_bounds.bound_from_scores("nwj", scores) == -math.inf

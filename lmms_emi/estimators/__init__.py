@@ -7,6 +7,8 @@
 - :mod:`lmms_emi.estimators.club` — the :class:`CLUB` estimator: the q(y|x) network, its fit, scikit-learn's
   fitted protocol.
 - :mod:`lmms_emi.estimators.checkpoint` — the checkpoint format (safetensors + :class:`CheckpointManifest`).
+- :mod:`lmms_emi.estimators.training` — what the fits share: the seeded re-init of Linear layers, the
+  held-out split, the fit arguments' validation, the early-stopping monitor and loop.
 - :mod:`lmms_emi.estimators.rjsd` — representation Jensen-Shannon divergence.
 - :mod:`lmms_emi.estimators.mi_bounds` — InfoNCE, NWJ and DV (MINE) lower bounds as pure functions of a
   critic's score matrix; :mod:`lmms_emi.estimators.critics` — the critics (separable, concat);

@@ -44,6 +44,7 @@ __all__ = [
     "check_encoders",
     "check_finite",
     "check_probe_outputs",
+    "check_state",
     "fingerprint",
     "probe_batch",
     "read_checkpoint",
@@ -189,6 +190,28 @@ def probe_batch(x_dim: int) -> torch.Tensor:
     fixed seed (float32, CPU; the same on every machine)."""
     gen = torch.Generator().manual_seed(_PROBE_SEED)
     return torch.nn.functional.normalize(torch.randn(PROBE_ROWS, x_dim, generator=gen), dim=1)
+
+
+def check_state(
+    path: Path,
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    *,
+    exact: bool = False,
+) -> None:
+    """A checkpoint's tensors against the module's ``expected`` state dict: every tensor present, of its
+    shape and finite; with ``exact`` also no tensor the module does not have. CheckpointError naming the file
+    and the tensor otherwise."""
+    for key, tensor in expected.items():
+        got = state.get(key)
+        if got is None or tuple(got.shape) != tuple(tensor.shape):
+            shape = None if got is None else tuple(got.shape)
+            raise CheckpointError(f"{path}: tensor {key} has shape {shape}, expected {tuple(tensor.shape)}")
+        if not torch.isfinite(got).all():
+            raise CheckpointError(f"{path}: tensor {key} contains NaN or inf")
+    extra = sorted(set(state) - set(expected)) if exact else []
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensors {', '.join(extra[:3])}")
 
 
 def check_probe_outputs(path: Path, mu: torch.Tensor, logvar_before_tanh: torch.Tensor) -> None:

@@ -18,16 +18,13 @@ The module layout (``p_mu``, ``p_logvar``) matches the paper's estimator, so its
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmms_emi.errors import CheckpointError, EncoderMismatchError, NotFittedError
 from lmms_emi.estimators import club_form
@@ -35,6 +32,7 @@ from lmms_emi.estimators.checkpoint import (
     CheckpointManifest,
     check_encoders,
     check_probe_outputs,
+    check_state,
     fingerprint,
     probe_batch,
     read_checkpoint,
@@ -42,6 +40,13 @@ from lmms_emi.estimators.checkpoint import (
 )
 from lmms_emi.estimators.club_fit import fast_fit
 from lmms_emi.estimators.club_form import club_mutual_information
+from lmms_emi.estimators.training import (
+    FitInfo,
+    check_fit_arguments,
+    check_pairs,
+    reset_linear_layers,
+    train_on_pairs,
+)
 
 FIT_METHODS = ("fast", "paper")
 
@@ -52,17 +57,6 @@ __all__ = [
     "FitInfo",
     "NotFittedError",
 ]
-
-
-@dataclass(frozen=True)
-class FitInfo:
-    """How a fit went: steps run, last smoothed loss, whether the plateau stop fired, data fingerprint."""
-
-    steps_run: int
-    final_loss: float
-    stopped_early: bool
-    data_fingerprint: str
-    hyperparameters: dict[str, Any]
 
 
 def _mlp(x_dim: int, hidden: int, y_dim: int, *, bounded: bool) -> nn.Sequential:
@@ -138,22 +132,8 @@ class CLUB(nn.Module):
         return (-((mu - y) ** 2) * torch.exp(-logvar) - logvar).sum(dim=1).mean()
 
     def _check_pairs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
-        if x.ndim != 2 or y.ndim != 2:
-            raise ValueError(f"x and y must be 2-D, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}: samples must be paired")
-        if x.shape[1] != self.x_dim or y.shape[1] != self.y_dim:
-            raise ValueError(
-                f"this CLUB takes x of dim {self.x_dim} and y of dim {self.y_dim}, "
-                f"got {x.shape[1]} and {y.shape[1]}"
-            )
-        if x.shape[0] < 2:
-            raise ValueError(f"CLUB needs at least 2 paired samples, got {x.shape[0]}")
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-            raise ValueError("x or y contains NaN or inf")
         device = next(self.parameters()).device
-        return x.to(device, torch.float32), y.to(device, torch.float32)
+        return check_pairs(x, y, x_dim=self.x_dim, y_dim=self.y_dim, name="CLUB", device=device)
 
     @torch.no_grad()
     def conditional_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,17 +164,14 @@ class CLUB(nn.Module):
 
     # -- training ----------------------------------------------------------------------------------
     def reset_parameters(self, seed: int) -> None:
-        """Re-draw every Linear layer as PyTorch's default init does, from a CPU generator seeded by ``seed``
-        (identical on any device). The estimator is unfitted afterwards."""
+        """The seeded default init of every Linear layer (:func:`~.training.reset_linear_layers`); the
+        estimator is unfitted afterwards."""
         self._fitted = False
-        gen = torch.Generator().manual_seed(seed)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                bound = 1.0 / math.sqrt(module.in_features)
-                with torch.no_grad():
-                    for p in (module.weight, module.bias):
-                        vals = torch.rand(p.shape, generator=gen, dtype=torch.float32) * 2 * bound - bound
-                        p.copy_(vals.to(p.device))
+        reset_linear_layers(self, seed)
+
+    @torch.no_grad()
+    def _heldout_log_likelihood(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(self.log_likelihood(x, y))
 
     def fit(
         self,
@@ -222,24 +199,18 @@ class CLUB(nn.Module):
         held-out split and the batches are drawn from a generator seeded by it.
 
         ``patience=None`` (the paper's recipe): exactly ``steps`` steps on all pairs. With ``patience`` set
-        (early stopping): a ``validation_fraction`` of the pairs is held out (the first
-        ``round(validation_fraction · n)`` rows of ``torch.randperm(n)`` drawn from the seeded generator), its
-        mean :meth:`log_likelihood` is evaluated every ``check_every`` steps and at the last one, training
-        stops after ``patience`` evaluations without an improvement above ``min_improvement`` (absolute, in
-        the objective's units), or at ``steps``; the weights of the best evaluation are restored.
-        ``fit_info_.hyperparameters["early_stopping"]`` records the split, the best step and its held-out
-        log-likelihood.
+        (early stopping, :mod:`~lmms_emi.estimators.training`): a ``validation_fraction`` of the pairs is held
+        out (the first ``round(validation_fraction · n)`` rows of ``torch.randperm(n)`` drawn from the seeded
+        generator), its mean :meth:`log_likelihood` is evaluated every ``check_every`` steps and at the last
+        one, training stops after ``patience`` evaluations without an improvement above ``min_improvement``
+        (absolute, in the objective's units), or at ``steps``; the weights of the best evaluation are
+        restored. ``fit_info_.hyperparameters["early_stopping"]`` records the split, the best step and its
+        held-out log-likelihood.
         """
         x, y = self._check_pairs(x, y)
         if method not in FIT_METHODS or (method == "fast" and warm_start):
             raise ValueError(f"method must be one of {FIT_METHODS} (fast: no warm_start), got {method!r}")
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-        if patience is not None and (patience < 1 or check_every < 1 or not 0 < validation_fraction < 1):
-            raise ValueError(
-                f"early stopping needs patience >= 1, check_every >= 1 and 0 < validation_fraction < 1, got "
-                f"{patience}, {check_every} and {validation_fraction}"
-            )
+        check_fit_arguments(steps, batch_size, patience, check_every, validation_fraction)
         if method == "fast":
             return self._fit_fast(x, y, steps, seed, patience, validation_fraction, min_improvement)
         hyper: dict[str, Any] = {
@@ -254,62 +225,28 @@ class CLUB(nn.Module):
         if not warm_start:
             self.reset_parameters(seed)
         gen = torch.Generator().manual_seed(seed)
-        full_x, full_y = x, y
-        held_x = held_y = None
-        if patience is not None:
-            order = torch.randperm(x.shape[0], generator=gen).to(x.device)
-            n_held = min(max(1, round(validation_fraction * x.shape[0])), x.shape[0] - 1)
-            held_x, held_y = x[order[:n_held]], y[order[:n_held]]
-            x, y = x[order[n_held:]], y[order[n_held:]]
         optimizer = torch.optim.AdamW(self.parameters(), lr=lr)
-        n = x.shape[0]
-        batch = min(batch_size, n)
-        best_ll, best_step, best_state, stale = -math.inf, 0, None, 0
-        window_sum, window_len, last_window = 0.0, 0, math.nan
-        steps_run, stopped_early = 0, False
-        self.train()
-        bar = tqdm(range(steps), desc="CLUB fit", disable=not progress, leave=False)
-        for step in bar:
-            idx = torch.randint(n, (batch,), generator=gen).to(x.device)
-            loss = -self.log_likelihood(x[idx], y[idx])
+
+        def step(x_fit: torch.Tensor, y_fit: torch.Tensor) -> float:  # a random batch, with replacement
+            n = x_fit.shape[0]
+            idx = torch.randint(n, (min(batch_size, n),), generator=gen).to(x_fit.device)
+            loss = -self.log_likelihood(x_fit[idx], y_fit[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            steps_run = step + 1
-            window_sum += float(loss.detach())
-            window_len += 1
-            if window_len < check_every and steps_run < steps:
-                continue
-            last_window, window_sum, window_len = window_sum / window_len, 0.0, 0
-            if held_x is None:
-                bar.set_postfix(loss=f"{last_window:.4f}")
-                continue
-            with torch.no_grad():
-                held_ll = float(self.log_likelihood(held_x, held_y))
-            if held_ll > best_ll + min_improvement:
-                best_ll, best_step, stale = held_ll, steps_run, 0
-                best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
-            else:
-                stale += 1
-            bar.set_postfix(loss=f"{last_window:.4f}", heldout_ll=f"{held_ll:.4f}", best=f"{best_ll:.4f}")
-            if stale >= patience:
-                stopped_early = True
-                break
-        bar.close()
-        if best_state is not None:
-            self.load_state_dict(best_state)
-        if held_x is not None:
-            hyper["early_stopping"] = {
-                "patience": patience,
-                "check_every": check_every,
-                "validation_fraction": validation_fraction,
-                "min_improvement": min_improvement,
-                "n_heldout": int(held_x.shape[0]),
-                "steps_run": steps_run,
-                "best_step": best_step,
-                "best_heldout_log_likelihood": best_ll,
-            }
-        info = FitInfo(steps_run, last_window, stopped_early, fingerprint(full_x, full_y), hyper)
+            return float(loss.detach())
+
+        self.train()
+        run = train_on_pairs(
+            self, x, y, step, self._heldout_log_likelihood,
+            gen=gen, steps=steps, patience=patience, check_every=check_every,
+            validation_fraction=validation_fraction, min_improvement=min_improvement,
+            what="a CLUB", score_name="log_likelihood", desc="CLUB fit", progress=progress,
+            heldout_label="heldout_ll",
+        )  # fmt: skip
+        if run.early_stopping is not None:
+            hyper["early_stopping"] = run.early_stopping
+        info = FitInfo(run.steps_run, run.final_loss, run.stopped_early, fingerprint(x, y), hyper)
         return self._fitted_with(info)
 
     def _fit_fast(self, x, y, steps, seed, patience, validation_fraction, min_improvement) -> CLUB:
@@ -416,15 +353,7 @@ class CLUB(nn.Module):
                 )
         club = cls(ckpt_x, ckpt_y, 2 * half)
         expected = club.state_dict()
-        for key, tensor in expected.items():
-            got = state.get(key)
-            if got is None or tuple(got.shape) != tuple(tensor.shape):
-                shape = None if got is None else tuple(got.shape)
-                raise CheckpointError(
-                    f"{path}: tensor {key} has shape {shape}, expected {tuple(tensor.shape)}"
-                )
-            if not torch.isfinite(got).all():
-                raise CheckpointError(f"{path}: tensor {key} contains NaN or inf")
+        check_state(path, state, expected)
         club.load_state_dict({k: state[k].to(torch.float32) for k in expected})
         club.eval()
         with torch.no_grad():  # what a checksum cannot vouch for: the outputs on a seeded probe batch

@@ -4,8 +4,8 @@ refinement, both chosen on a held-out split.
 :func:`fast_fit` fits the two heads of :class:`~lmms_emi.estimators.club.CLUB` (``p_mu``, ``p_logvar``:
 ``Linear(x_dim, k) → Tanh → Linear(k, y_dim)``, the log-variance head ending in a Tanh) in place:
 
-1. split (seeded, as the paper recipe's early stopping does): the first ``round(validation_fraction · n)``
-   rows of ``torch.randperm(n)`` are held out, the rest train;
+1. split (seeded, as the paper recipe's early stopping does; :func:`~.training.split_pairs`): the first
+   ``round(validation_fraction · n)`` rows of ``torch.randperm(n)`` are held out, the rest train;
 2. ridge regression y ≈ W(x − x̄) + ȳ on the train rows, its λ picked on a grid by the held-out Gaussian
    log-likelihood (one SVD gives every λ). The residual variance of each output dimension (corrected for the
    fit's degrees of freedom) gives log σ²_d, clamped to the Tanh's range (−1, 1);
@@ -22,7 +22,7 @@ refinement, both chosen on a held-out split.
 4. a short full-batch Adam refinement of the log-likelihood on the train rows (at most
    ``FAST_REFINE_STEPS``), with the held-out log-likelihood checked after every step; it stops after
    ``patience`` steps without an improvement above ``min_improvement`` (None: runs them all), and the best
-   weights (the closed form's included) are restored.
+   weights (the closed form's included) are restored (:class:`~lmms_emi.estimators.training.HeldoutMonitor`).
 
 Everything is deterministic for a seed (float64 linear algebra, one seeded generator, no sampling after the
 split). This module knows the CLUB only through its ``p_mu`` / ``p_logvar`` heads and ``log_likelihood``.
@@ -37,7 +37,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-__all__ = ["FAST_REFINE_LR", "FAST_REFINE_STEPS", "FastFitResult", "fast_fit", "heldout_split"]
+from lmms_emi.estimators.training import HeldoutMonitor, split_pairs
+
+__all__ = ["FAST_REFINE_LR", "FAST_REFINE_STEPS", "FastFitResult", "fast_fit"]
 
 FAST_REFINE_STEPS = 40  # full-batch refinement steps at most (fewer when ``steps`` is smaller)
 FAST_REFINE_LR = 1e-4
@@ -68,12 +70,6 @@ class FastFitResult:
     final_loss: float
     stopped_early: bool
     hyperparameters: dict[str, Any]
-
-
-def heldout_split(n: int, validation_fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-    """The seeded permutation of the rows and how many of its first rows are held out."""
-    order = torch.randperm(n, generator=gen)
-    return order, min(max(1, round(validation_fraction * n)), n - 1)
 
 
 def _gauss_ll(pred: torch.Tensor, y: torch.Tensor, logvar: torch.Tensor) -> float:
@@ -209,16 +205,14 @@ def fast_fit(
     refinement at ``min(steps, FAST_REFINE_STEPS)`` full-batch steps, ``patience`` None runs them all."""
     if not 0 < validation_fraction < 1:
         raise ValueError(f"the fast fit needs 0 < validation_fraction < 1, got {validation_fraction}")
-    order, n_held = heldout_split(x.shape[0], validation_fraction, gen)
-    order = order.to(x.device)
-    held_x, held_y = x[order[:n_held]], y[order[:n_held]]
-    x, y = x[order[n_held:]], y[order[n_held:]]
+    (x, y), (held_x, held_y) = split_pairs(x, y, validation_fraction, gen, what="a CLUB")
     info = _closed_form_start(club, x, y, held_x, held_y)
     with torch.no_grad():
-        best_ll = float(club.log_likelihood(held_x, held_y))
-    info["closed_form_heldout_log_likelihood"] = best_ll
-    best_state = {k: v.detach().clone() for k, v in club.state_dict().items()}
-    best_step, stale, steps_run, loss = 0, 0, 0, math.nan
+        start_ll = float(club.log_likelihood(held_x, held_y))
+    info["closed_form_heldout_log_likelihood"] = start_ll
+    monitor = HeldoutMonitor(club, patience=patience, min_improvement=min_improvement)
+    monitor.baseline(start_ll)  # the closed form is the refinement's step 0
+    steps_run, loss = 0, math.nan
     params = list(club.parameters())
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     for step in range(min(steps, FAST_REFINE_STEPS)):
@@ -226,16 +220,10 @@ def fast_fit(
         _adam_step(params, torch.autograd.grad(objective, params), moments, lr, step + 1)
         steps_run, loss = step + 1, float(objective.detach())
         with torch.no_grad():
-            held_ll = float(club.log_likelihood(held_x, held_y))
-        if held_ll > best_ll + min_improvement:
-            best_ll, best_step, stale = held_ll, steps_run, 0
-            best_state = {k: v.detach().clone() for k, v in club.state_dict().items()}
-        else:
-            stale += 1
-            if patience is not None and stale >= patience:
-                break
-    club.load_state_dict(best_state)
-    stopped_early = patience is not None and stale >= patience
+            monitor.observe(float(club.log_likelihood(held_x, held_y)), steps_run)
+        if monitor.exhausted:
+            break
+    monitor.restore()
     hyper = {
         "refine_steps": min(steps, FAST_REFINE_STEPS),
         "refine_lr": lr,
@@ -243,10 +231,10 @@ def fast_fit(
         "patience": patience,
         "validation_fraction": validation_fraction,
         "min_improvement": min_improvement,
-        "n_heldout": n_held,
+        "n_heldout": int(held_x.shape[0]),
         "steps_run": steps_run,
-        "best_step": best_step,
-        "best_heldout_log_likelihood": best_ll,
+        "best_step": monitor.best_step,
+        "best_heldout_log_likelihood": monitor.best,
         **info,
     }
-    return FastFitResult(steps_run, loss, stopped_early, hyper)
+    return FastFitResult(steps_run, loss, monitor.exhausted, hyper)

@@ -20,13 +20,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmms_emi.errors import CheckpointError, NotFittedError
 from lmms_emi.estimators import mi_bounds
@@ -34,13 +32,20 @@ from lmms_emi.estimators.checkpoint import (
     CRITIC_FORMAT_NAME,
     CheckpointManifest,
     check_encoders,
+    check_state,
     fingerprint,
     probe_batch,
     read_checkpoint,
     write_checkpoint,
 )
-from lmms_emi.estimators.club_fit import heldout_split
 from lmms_emi.estimators.critics import CRITICS, make_critic
+from lmms_emi.estimators.training import (
+    FitInfo,
+    check_fit_arguments,
+    check_pairs,
+    reset_linear_layers,
+    train_on_pairs,
+)
 
 __all__ = ["SCORE_BUDGET", "CriticFitInfo", "CriticMI"]
 
@@ -48,15 +53,8 @@ __all__ = ["SCORE_BUDGET", "CriticFitInfo", "CriticMI"]
 SCORE_BUDGET = 1 << 24
 
 
-@dataclass(frozen=True)
-class CriticFitInfo:
-    """How a fit went: steps run, last smoothed loss, whether the plateau stop fired, data fingerprint."""
-
-    steps_run: int
-    final_loss: float
-    stopped_early: bool
-    data_fingerprint: str
-    hyperparameters: dict[str, Any]
+class CriticFitInfo(FitInfo):
+    """How a critic estimator's fit went (:class:`~lmms_emi.estimators.training.FitInfo`)."""
 
 
 class CriticMI(nn.Module):
@@ -122,22 +120,9 @@ class CriticMI(nn.Module):
             )
 
     def _check_pairs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
-        if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"x and y must be paired (n, d) matrices, got {tuple(x.shape)} and {tuple(y.shape)}"
-            )
-        if x.shape[1] != self.x_dim or y.shape[1] != self.y_dim:
-            raise ValueError(
-                f"this {self.bound} estimator takes x of dim {self.x_dim} and y of dim {self.y_dim}, "
-                f"got {x.shape[1]} and {y.shape[1]}"
-            )
-        if x.shape[0] < 2:
-            raise ValueError(f"{self.bound} needs at least 2 paired samples, got {x.shape[0]}")
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-            raise ValueError("x or y contains NaN or inf")
         device = next(self.parameters()).device
-        return x.to(device, torch.float32), y.to(device, torch.float32)
+        name = f"{self.bound} estimator"
+        return check_pairs(x, y, x_dim=self.x_dim, y_dim=self.y_dim, name=name, device=device)
 
     # -- estimates ---------------------------------------------------------------------------------
     def _blocks(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -187,17 +172,10 @@ class CriticMI(nn.Module):
 
     # -- training ----------------------------------------------------------------------------------
     def reset_parameters(self, seed: int) -> None:
-        """Re-draw every Linear layer as PyTorch's default init does, from a CPU generator seeded by ``seed``
-        (identical on any device). The estimator is unfitted afterwards."""
+        """Seeded default init of the critic's Linear layers (:func:`~.training.reset_linear_layers`);
+        unfitted afterwards."""
         self._fitted = False
-        gen = torch.Generator().manual_seed(seed)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                bound = 1.0 / math.sqrt(module.in_features)
-                with torch.no_grad():
-                    for p in (module.weight, module.bias):
-                        vals = torch.rand(p.shape, generator=gen, dtype=torch.float32) * 2 * bound - bound
-                        p.copy_(vals.to(p.device))
+        reset_linear_layers(self, seed)
 
     def _heldout_bound(self, x: torch.Tensor, y: torch.Tensor) -> float:
         terms = mi_bounds.RowTerms.cat([mi_bounds.row_terms(b, first_row=i) for i, b in self._blocks(x, y)])
@@ -223,39 +201,18 @@ class CriticMI(nn.Module):
 
         Deterministic for a seed: parameters are re-initialised from ``seed`` and the held-out split and the
         batches are drawn from a generator seeded by it. ``patience=None``: exactly ``steps`` steps on all
-        pairs. With ``patience``: the first ``max(2, round(validation_fraction · n))`` rows of a seeded
-        permutation are held out, the held-out bound is evaluated every ``check_every`` steps and at the
-        last one, training stops after ``patience`` evaluations without an improvement above
-        ``min_improvement`` nats, and the weights of the best evaluation are restored (the CLUB's rule, on
-        the bound instead of the log-likelihood). ``mine_rate``: MINE's moving-average rate. A loss that
-        turns NaN or inf stops the fit (recorded as ``diverged_at_step``) with the best held-out weights;
-        without any, it is a
-        ValueError.
+        pairs. With ``patience`` (:mod:`~lmms_emi.estimators.training`): the first
+        ``max(2, round(validation_fraction · n))`` rows of a seeded permutation are held out, the held-out
+        bound is evaluated every ``check_every`` steps and at the last one, training stops after ``patience``
+        evaluations without an improvement above ``min_improvement`` nats, and the weights of the best
+        evaluation are restored (the CLUB's rule, on the bound instead of the log-likelihood). ``mine_rate``:
+        MINE's moving-average rate. A loss that turns NaN or inf stops the fit (recorded as
+        ``diverged_at_step``) with the best held-out weights; without any, it is a ValueError.
         """
         x, y = self._check_pairs(x, y)
-        if steps < 1 or batch_size < 2:
-            raise ValueError(f"steps must be >= 1 and batch_size >= 2, got {steps} and {batch_size}")
-        if patience is not None and (patience < 1 or check_every < 1 or not 0 < validation_fraction < 1):
-            raise ValueError(
-                f"early stopping needs patience >= 1, check_every >= 1 and 0 < validation_fraction < 1, got "
-                f"{patience}, {check_every} and {validation_fraction}"
-            )
+        check_fit_arguments(steps, batch_size, patience, check_every, validation_fraction, min_batch_size=2)
         self.reset_parameters(seed)
         gen = torch.Generator().manual_seed(seed)
-        full_x, full_y = x, y
-        held: tuple[torch.Tensor, torch.Tensor] | None = None
-        if patience is not None:
-            order, n_held = heldout_split(x.shape[0], validation_fraction, gen)
-            order, n_held = order.to(x.device), max(n_held, 2)  # a bound needs 2 rows
-            if x.shape[0] - n_held < 2:
-                raise ValueError(
-                    f"{x.shape[0]} pairs are too few to fit a {self.bound} estimator with a held-out split "
-                    "(at least 4)"
-                )
-            held = x[order[:n_held]], y[order[:n_held]]
-            x, y = x[order[n_held:]], y[order[n_held:]]
-        n = x.shape[0]
-        batch = min(batch_size, n)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         hyper: dict[str, Any] = {
             "mi_estimator": self.bound,
@@ -269,14 +226,12 @@ class CriticMI(nn.Module):
         }
         if self.bound == "mine":
             hyper["mine_moving_average_rate"] = mine_rate
-        best, best_step, best_state, stale = -math.inf, 0, None, 0
-        window_sum, window_len, last_window, log_running = 0.0, 0, math.nan, None
-        steps_run, stopped_early, diverged = 0, False, None
-        self.train()
-        bar = tqdm(range(steps), desc=f"{self.bound} fit", disable=not progress, leave=False)
-        for step in bar:
-            idx = torch.randperm(n, generator=gen)[:batch].to(x.device)
-            s = self.critic.scores(x[idx], y[idx])
+        log_running: torch.Tensor | None = None
+
+        def step(x_fit: torch.Tensor, y_fit: torch.Tensor) -> float | None:  # distinct rows; None: NaN/inf
+            nonlocal log_running
+            idx = torch.randperm(x_fit.shape[0], generator=gen)[:batch_size].to(x_fit.device)
+            s = self.critic.scores(x_fit[idx], y_fit[idx])
             if self.bound == "mine":
                 loss, log_running = mi_bounds.mine_surrogate_loss(s, log_running, mine_rate)
                 shown = -float(mi_bounds.training_bound("mine", s.detach()))  # the batch bound, for display
@@ -284,52 +239,30 @@ class CriticMI(nn.Module):
                 loss = -mi_bounds.training_bound(self.bound, s)
                 shown = float(loss.detach())
             if not math.isfinite(float(loss.detach())) or not math.isfinite(shown):
-                diverged = step + 1
-                break
+                return None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            steps_run = step + 1
-            window_sum += shown
-            window_len += 1
-            if window_len < check_every and steps_run < steps:
-                continue
-            last_window, window_sum, window_len = window_sum / window_len, 0.0, 0
-            if held is None:
-                bar.set_postfix(bound=f"{-last_window:.4f}")
-                continue
-            value = self._heldout_bound(*held)
-            if math.isfinite(value) and value > best + min_improvement:
-                best, best_step, stale = value, steps_run, 0
-                best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
-            else:
-                stale += 1
-            bar.set_postfix(bound=f"{-last_window:.4f}", heldout=f"{value:.4f}", best=f"{best:.4f}")
-            if stale >= patience:
-                stopped_early = True
-                break
-        bar.close()
-        if diverged is not None:
-            hyper["diverged_at_step"] = diverged
-            if best_state is None:
+            return shown
+
+        self.train()
+        run = train_on_pairs(  # a bound needs 2 held-out rows
+            self, x, y, step, self._heldout_bound,
+            gen=gen, steps=steps, patience=patience, check_every=check_every,
+            validation_fraction=validation_fraction, min_improvement=min_improvement,
+            min_heldout_rows=2, what=f"a {self.bound} estimator", score_name="bound",
+            desc=f"{self.bound} fit", progress=progress, postfix=lambda loss: {"bound": f"{-loss:.4f}"},
+        )  # fmt: skip
+        if run.diverged_at_step is not None:
+            hyper["diverged_at_step"] = run.diverged_at_step
+            if not run.restored:
                 raise ValueError(
-                    f"the {self.bound} critic's loss became NaN or inf at step {diverged} before any "
-                    "held-out check: try fewer steps, a smaller learning rate, or another estimator"
+                    f"the {self.bound} critic's loss became NaN or inf at step {run.diverged_at_step} before "
+                    "any held-out check: try fewer steps, a smaller learning rate, or another estimator"
                 )
-        if best_state is not None:
-            self.load_state_dict(best_state)
-        if held is not None:
-            hyper["early_stopping"] = {
-                "patience": patience,
-                "check_every": check_every,
-                "validation_fraction": validation_fraction,
-                "min_improvement": min_improvement,
-                "n_heldout": int(held[0].shape[0]),
-                "steps_run": steps_run,
-                "best_step": best_step,
-                "best_heldout_bound": best,
-            }
-        info = CriticFitInfo(steps_run, last_window, stopped_early, fingerprint(full_x, full_y), hyper)
+        if run.early_stopping is not None:
+            hyper["early_stopping"] = run.early_stopping
+        info = CriticFitInfo(run.steps_run, run.final_loss, run.stopped_early, fingerprint(x, y), hyper)
         self.eval()
         self._fitted = True
         self.manifest_ = None
@@ -392,16 +325,7 @@ class CriticMI(nn.Module):
             )
         est = cls(manifest.x_dim, manifest.y_dim, bound=bound, critic=critic,
                   hidden_size=manifest.hidden_size, embed_dim=embed_dim)  # fmt: skip
-        for key, tensor in est.state_dict().items():
-            got = state.get(key)
-            if got is None or tuple(got.shape) != tuple(tensor.shape):
-                shape = None if got is None else tuple(got.shape)
-                raise CheckpointError(
-                    f"{path}: tensor {key} has shape {shape}, expected {tuple(tensor.shape)}"
-                )
-        extra = sorted(set(state) - set(est.state_dict()))
-        if extra:
-            raise CheckpointError(f"{path}: unexpected tensors {', '.join(extra[:3])}")
+        check_state(path, state, est.state_dict(), exact=True)
         est.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
         est.eval()
         with torch.no_grad():

@@ -106,8 +106,8 @@ def bound_from_terms(name: str, terms: RowTerms) -> float:
     if name == "infonce":
         return float((terms.positive - terms.lse_all).mean()) + math.log(n)
     log_mean_off = float(torch.logsumexp(terms.lse_off, dim=0)) - math.log(n * (n - 1))
-    if name == "nwj":
-        return positive - math.exp(log_mean_off - 1.0)
+    if name == "nwj":  # e^{...} past float range: the bound is -inf (a diverged critic), not an OverflowError
+        return positive - (math.exp(log_mean_off - 1.0) if log_mean_off - 1.0 < 709.0 else math.inf)
     return positive - log_mean_off
 
 
