@@ -149,7 +149,15 @@ def test_family_group_through_plain_lmms_eval(family, tmp_path):
         "--tasks", "fam", "--metrics", "emi", "--include_path", str(family), "--output_path", str(out),
     ]  # fmt: skip
     _run(cmd, tmp_path, _env())
-    _check_family_numbers(_results(out))
+    results = _results(out)
+    _check_family_numbers(results)
+    # the leaderboard ranks the family's run, its EMID split by the kinds the YAMLs record
+    board = tmp_path / "board"
+    assert main(["leaderboard", str(out), "--output-path", str(board)]) == 0
+    row = json.loads((board / "leaderboard.json").read_text())["rows"][0]
+    entries = results["results"]
+    assert row["emid_visual"] == pytest.approx(entries["fam_frost_3"]["emid,none"])
+    assert row["emid_text"] == pytest.approx(entries["fam_KeyboardAug_3"]["emid,none"])
 
 
 def test_without_the_shift_packages_it_is_one_line(tmp_path, capsys, monkeypatch):
