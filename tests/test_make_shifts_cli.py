@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers_runs import offline_env, results_json
 from test_shifts import write_jsonl_source
 
 from lmms_emi.cli import main
@@ -72,24 +72,11 @@ def test_default_name_and_bad_options_are_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- end to end
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMMS_EMI_")}
-    env.update(
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        LMMS_EMI_OPTIONS=json.dumps({**EMI_OPTIONS, "device": "cpu"}),
-        LMMS_EMI_BUILTIN_TASKS="0",
-        **{k: v for k, v in os.environ.items() if k.startswith("LMMS_EMI_ESTIMATOR_")},
-    )
-    env.update(extra)
-    return env
+    return offline_env({**EMI_OPTIONS, "device": "cpu"}, **extra)
 
 
 def _results(out: Path) -> dict:
-    files = sorted(out.rglob("*_results.json"))
-    assert len(files) == 1, files
-    return json.loads(files[0].read_text())
+    return results_json(out)
 
 
 def _check_family_numbers(results: dict) -> None:

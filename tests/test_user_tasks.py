@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers_runs import offline_env, results_json
 
 from lmms_emi.harness import launch, patches, session, task_utils
 from lmms_emi.harness.session import ForeignTask
@@ -255,25 +256,11 @@ def test_sample_logs_written_for_analyze(tmp_path: Path, active_run) -> None:
 
 # ------------------------------------------------------------------------------------------- end to end
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("LMMS_EMI_OPTIONS", "LMMS_EMI_DATA", "LMMS_EMI_ESTIMATOR", "LMMS_EMI_ID_TASK", "RANK"):
-        env.pop(name, None)
-    env.update(
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        LMMS_EMI_OPTIONS=json.dumps(EMI_OPTIONS),
-        LMMS_EMI_BUILTIN_TASKS="0",
-    )
-    env.update(extra)
-    return env
+    return offline_env(EMI_OPTIONS, **extra)
 
 
 def _results(out: Path) -> dict:
-    files = sorted(out.rglob("*_results.json"))
-    assert len(files) == 1, files
-    return json.loads(files[0].read_text())
+    return results_json(out)
 
 
 @pytest.mark.slow
