@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "SWITCH_VAR",
     "TESTED_MINOR",
     "TOUCHPOINTS",
     "call_cli",
@@ -49,6 +50,8 @@ __all__ = [
 
 #: The lmms-eval minor version the touchpoints are tested with (pyproject bounds the dependency to it).
 TESTED_MINOR = "0.7"
+#: "0" turns the plain-lmms-eval hook off; "force" lets hook and launcher run on an untested lmms-eval.
+SWITCH_VAR = "LMMS_EMI_HOOK"
 
 #: touchpoint -> why lmms-emi needs it (docs/LAYERS.md lists the same; the contract tests use these names).
 TOUCHPOINTS: dict[str, str] = {
@@ -104,7 +107,7 @@ def version_gate(what: str) -> str | None:
     from lmms_emi.environment import getenv
 
     found = installed_version()
-    if is_tested(found) or (getenv("LMMS_EMI_HOOK") or "").strip().lower() == "force":
+    if is_tested(found) or (getenv(SWITCH_VAR) or "").strip().lower() == "force":
         return None
     return untested_message(found, what)
 
@@ -113,7 +116,7 @@ def untested_message(found: str, what: str) -> str:
     """The one warning for an untested lmms-eval version; ``what`` says what is (not) done about it."""
     return (
         f"lmms-eval {found} is not the version lmms-emi is tested with ({TESTED_MINOR}.x): {what}; "
-        "install `lmms-eval>=0.7.3,<0.8`, or set LMMS_EMI_HOOK=force to try anyway"
+        f"install `lmms-eval>=0.7.3,<0.8`, or set {SWITCH_VAR}=force to try anyway"
     )
 
 

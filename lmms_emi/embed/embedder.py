@@ -149,10 +149,9 @@ class Embedder:
         except EncoderLoadError as exc:  # one line that names the encoder and the ways out
             first = str(exc).splitlines()[0]
             head = re.match(r"(could not load .*?'[^']*')", first)  # drop the library's long explanation
-            local = (
-                "--vision-encoder e5v-joint:DIR --text-encoder e5v:DIR"
-                if profile == "e5v-joint"
-                else "--vision-encoder e5v:DIR --text-encoder e5v:DIR"
+            backends = [str(PROFILES[profile][m]).partition(":")[0] for m in ("vision", "text")]
+            local = (  # E5-V folders are not recognised by their config: the backend is named
+                f"--vision-encoder {backends[0]}:DIR --text-encoder {backends[1]}:DIR"
                 if profile.startswith("e5v")
                 else "--vision-encoder / --text-encoder DIR"
             )

@@ -45,7 +45,7 @@ from lmms_emi.harness import make_tasks, replay
 
 __all__ = ["SWITCH_VAR", "install", "model_manifests"]
 
-SWITCH_VAR = "LMMS_EMI_HOOK"  # "0" off, "force" also on untested lmms-eval versions (hook and launcher)
+SWITCH_VAR = compat.SWITCH_VAR  # "0" off, "force" also on untested lmms-eval versions (hook and launcher)
 _OFF = ("0", "off", "false", "no")
 
 _status: str | None = None  # what the hook did in this process (None: not called yet)
