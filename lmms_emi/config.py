@@ -33,6 +33,7 @@ from lmms_emi.errors import UsageError
 
 __all__ = [
     "ENCODER_PROFILES",
+    "ESTIMATE",
     "OPTIONS_VAR",
     "EMIConfig",
     "EstimatorChoice",
@@ -48,6 +49,8 @@ MI_ESTIMATOR_NAMES = ("club", "infonce", "nwj", "mine")
 JSD_ESTIMATOR_NAMES = ("rjsd", "mmd")
 #: The names of ``lmms_emi.embed.profiles.PROFILES`` (config imports no embed; a test keeps them equal).
 ENCODER_PROFILES = ("paper", "offline", "e5v-disjoint", "e5v-joint")
+#: ``--entropy-scale estimate``: Ĥ from the token log-probabilities saved with the responses
+ESTIMATE = "estimate"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 _OFF = ("off", "none", "false")  # a cache turned off
@@ -215,8 +218,13 @@ class EMIConfig:
         1000, "--bootstrap", "bootstrap resamples for the intervals (0: none)", group="analysis"
     )
     confidence: float = _opt(0.95, "--confidence", "confidence level of the intervals", group="analysis")
-    entropy_scale: float | None = _opt(
-        None, "--entropy-scale", "Ĥ of Theorem 4.5 (default: the scale-adjusted bound)", group="analysis"
+    entropy_scale: float | Literal["estimate"] | None = _opt(
+        None,
+        "--entropy-scale",
+        "Ĥ of Theorem 4.5: a number (nats), or 'estimate' to estimate it from the token log-probabilities "
+        "saved with the responses (score only; default: the scale-adjusted bound)",
+        group="analysis",
+        metavar="NATS|estimate",
     )
     jsd_estimator: str = _opt(
         "rjsd",
@@ -295,7 +303,7 @@ class EMIConfig:
                 raise UsageError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
         if not 0 < self.confidence < 1:
             raise UsageError(f"--confidence must be in (0, 1), got {self.confidence}")
-        if self.entropy_scale is not None and not (
+        if isinstance(self.entropy_scale, float) and not (
             math.isfinite(self.entropy_scale) and self.entropy_scale >= 0
         ):
             raise UsageError(f"--entropy-scale must be a finite number >= 0, got {self.entropy_scale}")
@@ -382,8 +390,11 @@ def _cache_setting(value: str | None) -> str | bool | None:
 
 
 def value_kind(f: Any) -> str:
-    """The field's value type by its annotation: 'str', 'int', 'float', 'bool', 'tuple' or 'estimator'."""
+    """The field's value type by its annotation: 'str', 'int', 'float', 'bool', 'tuple', 'estimator' or
+    'scale' (a number or the word 'estimate')."""
     annotation = str(f.type)
+    if annotation.startswith("float | Literal"):
+        return "scale"
     for name in ("EstimatorChoice", "bool", "int", "float", "tuple"):
         if annotation.startswith(name):
             return "estimator" if name == "EstimatorChoice" else name
@@ -414,7 +425,9 @@ def _coerce(f: Any, value: Any, where: str) -> Any:
             if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
                 return tuple(value)
             raise ValueError("expected a list of strings")
-        if kind in ("int", "float"):
+        if kind == "scale" and isinstance(value, str) and value.strip().lower() == ESTIMATE:
+            return ESTIMATE
+        if kind in ("int", "float", "scale"):
             if isinstance(value, bool):
                 raise ValueError(f"expected a number, got {value!r}")
             number = int(value) if kind == "int" and not isinstance(value, float) else float(value)
@@ -429,7 +442,8 @@ def _coerce(f: Any, value: Any, where: str) -> Any:
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:
-        kind_word = {"int": "a whole number", "float": "a number"}.get(kind, "")
+        words = {"int": "a whole number", "float": "a number", "scale": f"a number or '{ESTIMATE}'"}
+        kind_word = words.get(kind, "")
         detail = (
             str(exc) if not kind_word or "expected" in str(exc) else f"expected {kind_word}, got {value!r}"
         )

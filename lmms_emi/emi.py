@@ -17,6 +17,8 @@ and the scale-adjusted form the paper's code reports (no entropy estimate Ĥ):
     D(P_xv‖Q_xv)^½ + D(P_xt‖Q_xt)^½ + D(P_ŷ‖P_y)^¼ + D(Q_ŷ‖Q_y)^¼.
 
 Without references only the input terms D_v^½ + D_t^½ are available: a partial, label-free risk signal.
+Ĥ = max_x [H(Q_{Y|x}) + H(P_θ(·|x))] can be given, or estimated from the model's token log-probabilities
+(:func:`estimate_entropy_scale`).
 
 Everything here is a pure function of tensors (plus a fitted CLUB: an unfitted one raises
 :class:`~lmms_emi.errors.NotFittedError`), with no I/O. Bootstrap replicates reweight the rows of a task by
@@ -41,7 +43,7 @@ apart, each would import the others' internals.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -61,6 +63,7 @@ from lmms_emi.estimators.rjsd import DensityMatrix, rjsd_between
 __all__ = [
     "BoundResult",
     "EMIResult",
+    "EntropyScaleEstimate",
     "Interval",
     "PreparedCriticTask",
     "PreparedTask",
@@ -71,11 +74,13 @@ __all__ = [
     "effective_mutual_information",
     "emid",
     "emid_upper_bound",
+    "estimate_entropy_scale",
     "implausible",
     "mi_limit",
     "partial_upper_bound",
     "prepare_task",
     "query_embedding",
+    "sequence_nll",
     "shift_divergences",
     "task_emi",
 ]
@@ -385,6 +390,72 @@ def _check_scale(entropy_scale: float) -> float:
     if not entropy_scale >= 0:
         raise ValueError(f"entropy_scale must be non-negative, got {entropy_scale}")
     return float(entropy_scale)
+
+
+@dataclass(frozen=True)
+class EntropyScaleEstimate:
+    """Ĥ of Theorem 4.5 estimated from token log-probabilities (nats), and the query that attains it."""
+
+    value: float
+    n_queries: int
+    argmax: int  # position of the query attaining the max, in the order given
+    response_nll: float  # −log p_θ(ŷ | x) at that query
+    reference_nll: float  # −log p_θ(y | x) at that query
+
+
+def sequence_nll(token_logprobs: Sequence[float]) -> float:
+    """−log p(sequence) = −Σ_t log p(token_t | prefix, x), from per-token log-probabilities (nats).
+
+    ValueError when a log-probability is not a finite number ≤ 0 (a probability above 1, or none at all).
+
+    >>> sequence_nll([-0.5, -1.0, 0.0])
+    1.5
+    """
+    values = np.asarray(token_logprobs, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError("token log-probabilities must be a flat list of numbers")
+    bad = np.flatnonzero(~np.isfinite(values) | (values > 1e-6))  # 1e-6: round-off of a certain token
+    if bad.size:
+        raise ValueError(
+            f"token log-probability {values[bad[0]]!r} at position {bad[0]} is not a finite number <= 0"
+        )
+    return float(-values.sum())
+
+
+def estimate_entropy_scale(
+    response_nll: Sequence[float] | torch.Tensor, reference_nll: Sequence[float] | torch.Tensor
+) -> EntropyScaleEstimate:
+    """Ĥ ≈ max_i [−log p_θ(y_i | x_i) − log p_θ(ŷ_i | x_i)] over the queries x_i, from the model's own
+    negative log-likelihoods of each query's reference y_i and response ŷ_i (:func:`sequence_nll`).
+
+    Theorem 4.5 needs Ĥ = max_x [H(Q_{Y|x}) + H(P_θ(·|x))]. Per query, both terms are one-sample estimates:
+
+    * H(P_θ(·|x)) = E_{ŷ∼P_θ(·|x)}[−log p_θ(ŷ|x)]: the response's NLL, unbiased for a response sampled at
+      temperature 1; a greedy (or low-temperature) response is among the likeliest, so its NLL tends to be
+      below the entropy;
+    * H(Q_{Y|x}) ≤ H(Q_{Y|x}) + KL(Q_{Y|x}‖P_θ(·|x)) = E_{y∼Q_{Y|x}}[−log p_θ(y|x)]: the reference's NLL
+      under the model estimates this cross-entropy, an upper bound on the reference entropy.
+
+    The maximum of noisy one-sample estimates is itself biased upward, the safe side for an upper bound. It is
+    an estimate, not the theorem's exact Ĥ, and is labelled as one wherever it is reported.
+
+    >>> h = estimate_entropy_scale([1.5, 0.1], [2.0, 0.5])  # sums 3.5 and 0.6
+    >>> h.value, h.argmax, h.n_queries
+    (3.5, 0, 2)
+    """
+    resp = torch.as_tensor(response_nll, dtype=torch.float64).reshape(-1)
+    ref = torch.as_tensor(reference_nll, dtype=torch.float64).reshape(-1)
+    if resp.numel() == 0 or resp.shape != ref.shape:
+        raise ValueError(
+            f"need one response and one reference NLL per query, got {resp.numel()} and {ref.numel()}"
+        )
+    if not (torch.isfinite(resp).all() and torch.isfinite(ref).all()) or (resp < 0).any() or (ref < 0).any():
+        raise ValueError("negative log-likelihoods must be finite numbers >= 0")
+    total = resp + ref
+    best = int(torch.argmax(total))
+    return EntropyScaleEstimate(
+        float(total[best]), int(total.numel()), best, float(resp[best]), float(ref[best])
+    )
 
 
 def shift_divergences(

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ AGREEMENT_REPORT = "emi_agreement"  # the report of a run with a judge step
 __all__ = [
     "CSV_COLUMNS",
     "RUN_ID_FORMAT",
+    "entropy_line",
     "format_headlines",
     "new_run_id",
     "robustness_summary",
@@ -158,7 +159,11 @@ def to_markdown(analysis: ShiftAnalysis) -> str:
         f"## Per task (ID task: `{analysis.id_task}`; intervals: {level:.0%} bootstrap)",
         "",
     ]
-    header = ["task", "shift", "n", "EMI", "EMID", "bound", "partial bound", "D_v", "D_t", "D_P", "D_Q"]
+    theorem = analysis.settings.get("entropy_scale") is not None
+    if theorem:
+        lines += [entropy_line(analysis.settings), ""]
+    header = ["task", "shift", "n", "EMI", "EMID", "bound", *(["theorem bound"] if theorem else [])]
+    header += ["partial bound", "D_v", "D_t", "D_P", "D_Q"]
     rows = [
         [
             f"`{t.task}`{' ⚠' if t.warnings else ''}",
@@ -166,7 +171,9 @@ def to_markdown(analysis: ShiftAnalysis) -> str:
             str(t.n),
             fmt_ci(t.emi, t.emi_ci, 4),
             fmt_ci(t.emid, t.emid_ci, 4),
-            *(fmt_number(v, 4) for v in (t.bound, t.partial_bound, t.jsd_visual, t.jsd_text)),
+            fmt_number(t.bound, 4),
+            *([fmt_number(t.bound_theorem, 4)] if theorem else []),
+            *(fmt_number(v, 4) for v in (t.partial_bound, t.jsd_visual, t.jsd_text)),
             *(fmt_number(v, 4) for v in (t.jsd_response_p, t.jsd_response_q)),
         ]
         for t in analysis.tasks
@@ -186,6 +193,21 @@ def to_markdown(analysis: ShiftAnalysis) -> str:
                 f"n = {corr.n_tasks}"
             )
     return "\n".join(lines) + "\n"
+
+
+def entropy_line(settings: Mapping[str, Any]) -> str:
+    """What the theorem bound's Ĥ is and where it came from (given, or estimated from log-probabilities)."""
+    value = settings["entropy_scale"]
+    estimate = settings.get("entropy_scale_estimate")
+    if not estimate:
+        return f"Theorem 4.5 bound: Ĥ = {fmt_number(value, 4)} nats (given)."
+    return (
+        f"Theorem 4.5 bound: Ĥ = {fmt_number(value, 4)} nats, an **estimate** from the model's token "
+        f"log-probabilities: the largest −log p(ŷ|x) − log p(y|x) over {estimate['n_queries']} queries "
+        f"(`{estimate['task']}` doc {estimate['doc_id']}: {fmt_number(estimate['response_nll'], 4)} + "
+        f"{fmt_number(estimate['reference_nll'], 4)}). The response's NLL estimates H(P_θ(·|x)) (below it "
+        "for greedy answers) and the reference's estimates the cross-entropy, above H(Q_Y|x)."
+    )
 
 
 def emid_figure(analysis: ShiftAnalysis) -> ScatterFigure:
@@ -352,6 +374,12 @@ def format_headlines(run: RunAnalysis) -> list[str]:
             f"{name}: ID EMI {f(s['id_emi'])} ({analysis.id_task}); mean EMID {f(s['mean_emid'])}, "
             f"worst {f(s['worst_emid'])}; r(EMID, bound) {f(s['pearson_r'])} over {s['n_ood_tasks']} OOD "
             "tasks"
+        )
+    if run.entropy_estimate is not None:
+        h = run.entropy_estimate
+        lines.append(
+            f"Ĥ (estimate, from token log-probabilities) {f(h['value'])} nats, the largest over "
+            f"{h['n_queries']} queries ({h['task']} doc {h['doc_id']}); the theorem bound uses it"
         )
     if run.judge is not None:
         lines.append(agreement_headline(run.judge))

@@ -45,7 +45,9 @@ def run(ns: argparse.Namespace) -> int:
     base = None if recorded is None else EMIConfig.from_sources(environ={OPTIONS_VAR: json.dumps(recorded)})
     config = config_from(ns, base=base)
     out = Path(ns.output_path) if ns.output_path else Path(ns.run_dir) / "emi_report"
-    ready = preflight(config, outputs={"--output-path": out}, inputs={"RUN_DIR": ns.run_dir})
+    ready = preflight(
+        config, outputs={"--output-path": out}, inputs={"RUN_DIR": ns.run_dir}, token_logprobs=False
+    )
     return _run(ns, ready, out)
 
 

@@ -373,7 +373,7 @@ def prepare_run(
         # the one preflight: outputs, estimator, judge, the encoders' configs (no weights), the estimator
         # against them; a registered estimator (named, or the default of these encoders) is downloaded now
         try:
-            ready = preflight(config, outputs=outputs)
+            ready = preflight(config, outputs=outputs, token_logprobs=False)
         except LmmsEmiError:
             raise
         except ValueError as exc:  # a checkpoint / encoder mismatch, a download refused

@@ -5,8 +5,9 @@ In this order, each failure one :class:`~lmms_emi.errors.LmmsEmiError` line:
 
 1. every named input path exists (nothing is read yet);
 2. every output folder is created and proven writable (before any input is read);
-3. the analysis settings and the estimator choice are valid; a checkpoint file is read and checked, a
-   registered estimator is found or downloaded (verified);
+3. the analysis settings and the estimator choice are valid (``--entropy-scale estimate`` only where the
+   records can carry token log-probabilities); a checkpoint file is read and checked, a registered
+   estimator is found or downloaded (verified);
 4. the judge, when on, answers a probe call;
 5. the encoders' configs are read (no weights) and the estimator is checked against them.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lmms_emi._io import ensure_writable_dir, free_bytes
-from lmms_emi.config import EMIConfig
+from lmms_emi.config import ESTIMATE, EMIConfig
 from lmms_emi.errors import UsageError
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.judge import Judge, JudgeConfig
@@ -122,15 +123,24 @@ def preflight(
     inputs: Mapping[str, str | Path | None] | None = None,
     encoders: bool = True,
     judge: bool = True,
+    token_logprobs: bool = True,
 ) -> Ready:
     """Check everything a run needs before it reads data (see the module docstring). ``outputs`` and
     ``inputs``: ``{option: path}``; ``encoders=False`` skips step 5 (the caller has no encoders to check,
-    or checks them on another rank); ``judge=False`` skips step 4."""
+    or checks them on another rank); ``judge=False`` skips step 4; ``token_logprobs=False``: the entry
+    point's records never carry token log-probabilities (lmms-eval's text-only generations), so Ĥ cannot be
+    estimated."""
     for option, path in (inputs or {}).items():  # exists, not read: before an output is made inside it
         if path is not None and not Path(path).expanduser().exists():
             raise UsageError(f"{option} {path}: no such file or folder")
     check_outputs(outputs or {})
     settings = AnalysisSettings.from_config(config)
+    if settings.entropy_scale == ESTIMATE and not token_logprobs:
+        raise UsageError(
+            f"--entropy-scale {ESTIMATE}: this run's responses come from lmms-eval's generate_until, which "
+            "returns text without token log-probabilities; give Ĥ as a number, or score saved responses "
+            "that carry them (response_logprobs, reference_logprobs) with `lmms-emi score`"
+        )
     policy = EstimatorPolicy.from_config(config)
     policy.check(None)  # a missing checkpoint file; a registered estimator found or downloaded (verified)
     client = None

@@ -22,7 +22,9 @@ __all__ = ["Sample", "embed_tasks", "ordered_samples"]
 @dataclass(frozen=True)
 class Sample:
     """One evaluated document: its task, id, image query (PIL image, bytes, path or None), text query, the
-    model's response and the reference answer (None when the task has no references)."""
+    model's response and the reference answer (None when the task has no references), and, where the source
+    has them, the model's per-token log-probabilities of its response and of the reference (natural log;
+    they estimate the bound's Ĥ, :func:`~lmms_emi.emi.estimate_entropy_scale`)."""
 
     task: str
     doc_id: int | str
@@ -30,6 +32,8 @@ class Sample:
     question: str
     response: str | None
     reference: str | None = None
+    response_logprobs: tuple[float, ...] | None = None
+    reference_logprobs: tuple[float, ...] | None = None
 
 
 def ordered_samples(task: str, samples: Sequence[Sample]) -> list[Sample]:

@@ -11,19 +11,22 @@ the :class:`RunAnalysis` into files. The rules that decide a run's shape live he
   explicit ID task (``id_task``, one of those tasks): then they form one group keyed by that task's name,
   ID first and the others in the given order, so EMID and the bounds work for any family of the user's
   own tasks;
-* the estimator is fitted (when the policy says so) on the pooled pairs of all tasks in that same order.
+* the estimator is fitted (when the policy says so) on the pooled pairs of all tasks in that same order;
+* ``--entropy-scale estimate``: Ĥ is estimated once per run, over every query of every task, from the
+  samples' token log-probabilities (:func:`estimate_entropy`), before anything is embedded.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmms_emi import __version__
 from lmms_emi import scenarios as sc
-from lmms_emi.emi import TaskEmbeddings
+from lmms_emi.config import ESTIMATE
+from lmms_emi.emi import TaskEmbeddings, estimate_entropy_scale, sequence_nll
 from lmms_emi.errors import UsageError
 from lmms_emi.estimators.club import CLUB
 from lmms_emi.pipeline.agreement import JudgeAnalysis, JudgeRun, judge_run
@@ -37,7 +40,15 @@ from lmms_emi.pipeline.shift import (
     response_warnings,
 )
 
-__all__ = ["MIN_SAMPLES", "RunAnalysis", "RunPlan", "analyze_run", "check_sizes", "plan_run"]
+__all__ = [
+    "MIN_SAMPLES",
+    "RunAnalysis",
+    "RunPlan",
+    "analyze_run",
+    "check_sizes",
+    "estimate_entropy",
+    "plan_run",
+]
 
 MIN_SAMPLES = 2  # EMI, its interval and the bounds need at least two samples per task
 
@@ -112,6 +123,7 @@ class RunAnalysis:
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     judge: JudgeAnalysis | None = None  # win rates and their agreement with EMI, when a judge step ran
+    entropy_estimate: dict[str, Any] | None = None  # how Ĥ was estimated (--entropy-scale estimate)
 
     @property
     def analyses(self) -> dict[str, ShiftAnalysis]:
@@ -138,6 +150,49 @@ def check_sizes(sizes: Mapping[str, int]) -> None:
             raise ValueError(
                 f"task {task!r} has {n} sample(s); EMI and the bounds need at least {MIN_SAMPLES}"
             )
+
+
+def estimate_entropy(samples: Mapping[str, Sequence[Sample]], tasks: Sequence[str]) -> dict[str, Any]:
+    """Ĥ of Theorem 4.5 over every query of ``tasks``, from each sample's token log-probabilities of its
+    response and of its reference (:func:`~lmms_emi.emi.estimate_entropy_scale`), with where it came from.
+
+    UsageError naming the task and doc_id of the first sample without both lists of log-probabilities (or
+    with one that is not a list of finite numbers <= 0).
+    """
+    response_nll: list[float] = []
+    reference_nll: list[float] = []
+    where: list[tuple[str, Any]] = []
+    for task in tasks:
+        if task not in samples:
+            raise UsageError(
+                f"task {task!r}: --entropy-scale {ESTIMATE} needs its samples' token log-probabilities, "
+                "and this task was embedded earlier without its samples"
+            )
+        for sample in samples[task]:
+            missing = [n for n in ("response_logprobs", "reference_logprobs") if getattr(sample, n) is None]
+            if missing:
+                raise UsageError(
+                    f"task {task!r} doc_id {sample.doc_id!r}: --entropy-scale {ESTIMATE} needs "
+                    f"{' and '.join(missing)} for every sample (the model's token log-probabilities, saved "
+                    "with the responses); give a number instead, or leave the option out"
+                )
+            try:
+                response_nll.append(sequence_nll(sample.response_logprobs))
+                reference_nll.append(sequence_nll(sample.reference_logprobs))
+            except ValueError as exc:
+                raise UsageError(f"task {task!r} doc_id {sample.doc_id!r}: {exc}") from None
+            where.append((task, sample.doc_id))
+    h = estimate_entropy_scale(response_nll, reference_nll)
+    task, doc_id = where[h.argmax]
+    return {
+        "value": h.value,
+        "method": "max over queries of -log p(response|x) - log p(reference|x), token log-probabilities",
+        "n_queries": h.n_queries,
+        "task": task,
+        "doc_id": doc_id,
+        "response_nll": h.response_nll,
+        "reference_nll": h.reference_nll,
+    }
 
 
 def analyze_run(
@@ -173,6 +228,10 @@ def analyze_run(
         raise ValueError("no EMI samples were recorded: no task of this run has the EMI metric")
     check_sizes(sizes)
     plan = plan_run(list(sizes), id_task)
+    entropy = None
+    if settings.entropy_scale == ESTIMATE:  # from the records: before anything is embedded
+        entropy = estimate_entropy(samples, plan.order)
+        settings = replace(settings, entropy_scale=entropy["value"])
     todo = {t: samples[t] for t in plan.order if t not in known}
     if todo:
         known.update(embed_tasks(embedder, todo))
@@ -184,6 +243,7 @@ def analyze_run(
     kwargs["notes"] = response_warnings(samples)  # empty answers: flagged per task
     kwargs["estimator"] = info  # named in the refusal of an implausible number
     kwargs["shift_kinds"] = shift_kinds
+    kwargs["entropy_estimate"] = entropy
     benchmarks: dict[str, ShiftAnalysis] = {}
     for benchmark, (id_task, tasks) in plan.groups.items():
         result = analyze_shift({t: ordered[t] for t in tasks}, id_task, club, **kwargs)
@@ -199,7 +259,8 @@ def analyze_run(
         for w in t.warnings
     ]
     run = RunAnalysis(
-        benchmarks, singles, info, club, ordered, spec, settings, meta, [*plan.warnings, *flagged]
+        benchmarks, singles, info, club, ordered, spec, settings, meta, [*plan.warnings, *flagged],
+        entropy_estimate=entropy,
     )
     if judge is not None:
         emi_seconds = time.perf_counter() - started

@@ -40,7 +40,7 @@ from scipy import stats
 
 from lmms_emi import emi as emi_lib
 from lmms_emi import scenarios as sc
-from lmms_emi.config import EMIConfig
+from lmms_emi.config import ESTIMATE, EMIConfig
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.errors import ImplausibleResultError, UsageError
 from lmms_emi.estimators.club import CLUB
@@ -72,21 +72,26 @@ _LOGVAR_BOUND = 0.9999  # |log σ²| above this: the Tanh of p_logvar is saturat
 
 @dataclass(frozen=True)
 class AnalysisSettings:
-    """How the numbers of a run are computed: the bound's entropy scale Ĥ (None: scale-adjusted form),
+    """How the numbers of a run are computed: the bound's entropy scale Ĥ (None: scale-adjusted form;
+    "estimate": estimated by the run pipeline from the samples' token log-probabilities, then a number),
     bootstrap resamples (0: no intervals), the intervals' confidence level, the seed and the JSD estimator
     of the bound's divergence terms (:data:`~lmms_emi.estimators.families.JSD_ESTIMATORS`)."""
 
-    entropy_scale: float | None = None
+    entropy_scale: float | str | None = None
     n_resamples: int = 1000
     confidence_level: float = 0.95
     seed: int = 0
     jsd_estimator: str = DEFAULT_JSD_ESTIMATOR
 
     def __post_init__(self) -> None:
-        if self.entropy_scale is not None and not (
-            math.isfinite(self.entropy_scale) and self.entropy_scale >= 0
+        if self.entropy_scale is not None and self.entropy_scale != ESTIMATE and not (
+            isinstance(self.entropy_scale, (int, float))
+            and math.isfinite(self.entropy_scale)
+            and self.entropy_scale >= 0
         ):
-            raise UsageError(f"the entropy scale must be a finite number >= 0, got {self.entropy_scale}")
+            raise UsageError(
+                f"the entropy scale must be a finite number >= 0 or {ESTIMATE!r}, got {self.entropy_scale!r}"
+            )
         if self.n_resamples < 0:
             raise UsageError(f"the number of bootstrap resamples must be >= 0, got {self.n_resamples}")
         if not 0 < self.confidence_level < 1:
@@ -409,6 +414,7 @@ def analyze_shift(
     estimator: EstimatorInfo | None = None,
     jsd_estimator: str = DEFAULT_JSD_ESTIMATOR,
     shift_kinds: Mapping[str, str] | None = None,
+    entropy_estimate: Mapping[str, Any] | None = None,
 ) -> ShiftAnalysis:
     """EMI per task, EMID / bounds per OOD task against ``id_task``, and their correlations.
 
@@ -422,8 +428,11 @@ def analyze_shift(
     (:func:`lmms_emi.emi.implausible`). ``club`` may be any MI estimator of
     :data:`~lmms_emi.estimators.families.MI_ESTIMATORS` (a critic: its intervals are the bound on resampled
     rows with the critic fixed; no μ-based range check); ``jsd_estimator`` makes the bound's divergence terms
-    (RJSD, or MMD² with its range [0, 2] in the plausibility check).
+    (RJSD, or MMD² with its range [0, 2] in the plausibility check). ``entropy_estimate``: how Ĥ was
+    estimated when it was (:func:`lmms_emi.pipeline.run.analyze_run`), recorded in the settings.
     """
+    if not (entropy_scale is None or isinstance(entropy_scale, (int, float))):
+        raise ValueError(f"entropy_scale must be a number or None here, got {entropy_scale!r}")
     label = _estimator_label(club, estimator)
     if jsd_estimator not in JSD_ESTIMATORS:
         raise ValueError(f"unknown JSD estimator {jsd_estimator!r}: one of {', '.join(JSD_ESTIMATORS)}")
@@ -566,5 +575,7 @@ def analyze_shift(
         "confidence_level": confidence_level,
         "seed": seed,
     }
+    if entropy_estimate is not None:
+        settings["entropy_scale_estimate"] = dict(entropy_estimate)
     methods = {"mi": mi_estimator_name(club), "jsd": jsd_estimator}
     return ShiftAnalysis(id_task, tuple(results), correlations, settings, estimator, estimators=methods)

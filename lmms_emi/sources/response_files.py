@@ -13,7 +13,7 @@ from lmms_emi import scenarios as sc
 from lmms_emi.errors import UsageError
 from lmms_emi.pipeline.records import Sample
 from lmms_emi.sources.datasets import ColumnNames, column_values, encoded_images
-from lmms_emi.sources.responses import list_models, responses_for_rows
+from lmms_emi.sources.responses import list_models, records_for_rows
 
 __all__ = ["collect_samples", "only_model"]
 
@@ -34,13 +34,22 @@ def collect_samples(
         ds = splits[scen.split]
         q_col, r_col, i_col = columns.resolve(ds, scen.split)
         ids = [int(q) for q in column_values(ds, "question_id")] if "question_id" in ds.column_names else None
-        texts = responses_for_rows(responses_dir, scen.split, model, question_ids=ids, n_rows=len(ds))
+        answers = records_for_rows(responses_dir, scen.split, model, question_ids=ids, n_rows=len(ds))
         questions = column_values(ds, q_col)
         references = column_values(ds, r_col) if r_col else [None] * len(ds)
         images = encoded_images(ds, i_col)
         out[scen.task] = [
-            Sample(scen.task, i, images[i], str(questions[i]), texts[i], references[i])
-            for i in range(len(ds))
+            Sample(
+                scen.task,
+                i,
+                images[i],
+                str(questions[i]),
+                answer.text,
+                references[i],
+                answer.response_logprobs,
+                answer.reference_logprobs,
+            )
+            for i, answer in enumerate(answers)  # every row has one: records_for_rows raises otherwise
         ]
     return out
 

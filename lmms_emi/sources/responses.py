@@ -1,7 +1,11 @@
 """Saved model responses: JSONL files named ``<scenario>_<model>.jsonl``, one JSON object a line.
 
 Each line needs ``question_id`` (int) and ``text`` (the response); other keys (``prompt``, ``answer_id``,
-``model_id``, ``metadata`` in the paper's files) are kept but not required.
+``model_id``, ``metadata`` in the paper's files) are kept but not required. Two optional keys carry the
+model's token log-probabilities (natural log, each a finite number <= 0), which estimate the bound's Ĥ
+(``--entropy-scale estimate``): ``response_logprobs``, a list with one number per token of ``text`` (or
+``logprobs`` as an OpenAI-style chat completion returns it, ``{"content": [{"logprob": ...}, ...]}``), and
+``reference_logprobs``, the model's log-probabilities of the reference answer's tokens (teacher-forced).
 
 The natural benchmark's in-the-wild files follow the paper's layout: ``llava_bench_in_the_wild_<lang>_<model>
 .jsonl`` holds every question, and the ``easy`` / ``hard`` splits are lists of row positions in that file,
@@ -16,6 +20,7 @@ response raises :class:`ResponseFileError` naming the file (and the line where t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +35,13 @@ __all__ = [
     "ResponseFileError",
     "ResponseRecord",
     "ResponseSource",
+    "align_records",
     "align_responses",
     "find_response_source",
     "list_models",
     "load_split_responses",
     "read_response_file",
+    "records_for_rows",
     "response_path",
     "responses_for_rows",
 ]
@@ -52,6 +59,8 @@ class ResponseRecord:
     path: Path
     line: int
     extra: dict[str, Any] | None = None
+    response_logprobs: tuple[float, ...] | None = None
+    reference_logprobs: tuple[float, ...] | None = None
 
     @property
     def where(self) -> str:
@@ -119,10 +128,40 @@ def read_response_file(path: str | Path) -> list[ResponseRecord]:
                 raise ResponseFileError(f"{where}: duplicate question_id {qid} (first on line {seen[qid]})")
             seen[qid] = line_no
             extra = {k: v for k, v in obj.items() if k not in ("question_id", "text")}
-            records.append(ResponseRecord(qid, obj["text"], path, line_no, extra or None))
+            response_lp, reference_lp = _logprobs(obj, where)
+            records.append(
+                ResponseRecord(qid, obj["text"], path, line_no, extra or None, response_lp, reference_lp)
+            )
     if not records:
         raise ResponseFileError(f"response file {path} is empty")
     return records
+
+
+def _logprob_list(value: Any, key: str, where: str) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ResponseFileError(f"{where}: {key} must be a non-empty list of numbers")
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 1e-6:
+            raise ResponseFileError(
+                f"{where}: {key}[{i}] = {v!r} is not a log-probability (a finite number <= 0)"
+            )
+    return tuple(float(v) for v in value)
+
+
+def _logprobs(obj: dict[str, Any], where: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """(response, reference) token log-probabilities of one line (None where absent); ``logprobs`` in the
+    OpenAI chat shape stands for ``response_logprobs``."""
+    response = obj.get("response_logprobs")
+    if response is None and isinstance(obj.get("logprobs"), dict):
+        content = obj["logprobs"].get("content")
+        if not isinstance(content, list) or not all(isinstance(t, dict) and "logprob" in t for t in content):
+            raise ResponseFileError(f'{where}: logprobs must hold "content": [{{"logprob": ...}}, ...]')
+        response = [t["logprob"] for t in content]
+    reference = obj.get("reference_logprobs")
+    return (
+        None if response is None else _logprob_list(response, "response_logprobs", where),
+        None if reference is None else _logprob_list(reference, "reference_logprobs", where),
+    )
 
 
 def _read_wild_index(index_file: Path, key: str) -> tuple[int, ...]:
@@ -180,15 +219,15 @@ def load_split_responses(responses_dir: str | Path, split: str, model: str) -> l
     return [records[i] for i in source.positions]
 
 
-def align_responses(
+def align_records(
     records: Sequence[ResponseRecord],
     *,
     question_ids: Sequence[int] | None = None,
     n_rows: int | None = None,
     what: str = "",
     allow_missing: bool = False,
-) -> list[str | None]:
-    """Response texts in dataset row order.
+) -> list[ResponseRecord | None]:
+    """Response records in dataset row order.
 
     With ``question_ids`` (the dataset's column), each row gets the response with its id; every row must have
     one and every response must belong to a row. Without it, responses are taken in order and their count
@@ -201,13 +240,13 @@ def align_responses(
         if n_rows is None:
             raise ValueError("give question_ids or n_rows")
         if allow_missing and len(records) < n_rows:
-            return [r.text for r in records] + [None] * (n_rows - len(records))
+            return [*records, *([None] * (n_rows - len(records)))]
         if len(records) != n_rows:
             raise ResponseFileError(
                 f"{label}: {len(records)} responses but the dataset split has {n_rows} rows "
                 "(no question_id column, so they are matched by row order)"
             )
-        return [r.text for r in records]
+        return list(records)
     ids = [int(q) for q in question_ids]
     by_id = {r.question_id: r for r in records}
     missing = [q for q in ids if q not in by_id]
@@ -225,10 +264,15 @@ def align_responses(
             f"{extra[0].where}: question_id {extra[0].question_id} is not in the dataset split "
             f"({len(extra)} extra responses; {len(records)} responses for {len(ids)} rows)"
         )
-    return [by_id[q].text if q in by_id else None for q in ids]
+    return [by_id.get(q) for q in ids]
 
 
-def responses_for_rows(
+def align_responses(records: Sequence[ResponseRecord], **kwargs: Any) -> list[str | None]:
+    """The response texts of :func:`align_records` (same arguments)."""
+    return [None if r is None else r.text for r in align_records(records, **kwargs)]
+
+
+def records_for_rows(
     responses_dir: str | Path,
     split: str,
     model: str,
@@ -236,8 +280,8 @@ def responses_for_rows(
     question_ids: Sequence[int] | None = None,
     n_rows: int | None = None,
     allow_missing: bool = False,
-) -> list[str | None]:
-    """Load ``model``'s responses on ``split``, aligned to the dataset rows (see :func:`align_responses`);
+) -> list[ResponseRecord | None]:
+    """Load ``model``'s responses on ``split``, aligned to the dataset rows (see :func:`align_records`);
     with ``allow_missing`` a missing file gives None for every row (of ``n_rows`` or ``question_ids``)."""
     try:
         source = find_response_source(responses_dir, split, model)
@@ -249,9 +293,14 @@ def responses_for_rows(
     what = (
         str(source.path) if source.positions is None else f"{source.path} (rows of {source.index_file.name})"
     )
-    return align_responses(
+    return align_records(
         records, question_ids=question_ids, n_rows=n_rows, what=what, allow_missing=allow_missing
     )
+
+
+def responses_for_rows(responses_dir: str | Path, split: str, model: str, **kwargs: Any) -> list[str | None]:
+    """The response texts of :func:`records_for_rows` (same arguments)."""
+    return [None if r is None else r.text for r in records_for_rows(responses_dir, split, model, **kwargs)]
 
 
 def list_models(responses_dir: str | Path, splits: Sequence[str]) -> list[str]:
