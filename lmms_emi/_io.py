@@ -1,15 +1,17 @@
-"""Atomic file writes, shared by every layer (no project imports here)."""
+"""Atomic file writes and the one JSONL reader, shared by every layer (no project imports here)."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 TEMP_SUFFIX = ".tmp"
 PROBE_BYTES = 4096  # what the writability probe writes: a full disk refuses it (creating a file alone passes)
@@ -195,3 +197,26 @@ def sweep_dead_writers(folders: Iterable[Path]) -> int:
                 except OSError:
                     pass
     return removed
+
+
+def json_lines(path: str | os.PathLike, error: type[Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each non-blank line of a JSONL file. A line that is not UTF-8, not
+    JSON or not a JSON object raises ``error`` with one line naming ``path:line`` and what is wrong."""
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(
+                    f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj

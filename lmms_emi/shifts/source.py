@@ -18,12 +18,12 @@ columns, the texts are strings and the image opens (header only) with both sides
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmms_emi._io import json_lines
 from lmms_emi.errors import DataPathError, UsageError
 from lmms_emi.shifts.visual import MIN_SIDE
 
@@ -168,19 +168,8 @@ class Source:
 # ------------------------------------------------------------------------------------------ the kinds
 def _jsonl_rows(path: Path) -> Any:
     def rows() -> Iterator[tuple[int, Any, Path]]:
-        index = 0
-        with path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataPathError(f"{path}: line {line_no}: not JSON ({exc.msg})") from None
-                if not isinstance(raw, dict):
-                    raise DataPathError(f"{path}: line {line_no}: not a JSON object")
-                yield index, raw, path.parent
-                index += 1
+        for index, (_line_no, raw) in enumerate(json_lines(path, DataPathError)):
+            yield index, raw, path.parent
 
     return rows
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmms_emi import scenarios as sc
+from lmms_emi._io import json_lines
 from lmms_emi.errors import ResponseFileError
 
 __all__ = [
@@ -90,48 +91,33 @@ def read_response_file(path: str | Path) -> list[ResponseRecord]:
         raise ResponseFileError(f"response file {path} does not exist")
     records: list[ResponseRecord] = []
     seen: dict[int, int] = {}
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ResponseFileError(
-                    f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ResponseFileError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise ResponseFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in ("question_id", "text") if k not in obj]
-            if missing:
-                raise ResponseFileError(f"{where}: missing field(s) {', '.join(missing)}")
-            qid = obj["question_id"]
-            if isinstance(qid, str) and qid.strip().lstrip("-").isdigit():
-                qid = int(qid)
-            if not isinstance(qid, int) or isinstance(qid, bool):
-                raise ResponseFileError(f"{where}: question_id must be an integer, got {qid!r}")
-            if not isinstance(obj["text"], str):
-                raise ResponseFileError(f"{where}: text must be a string, got {type(obj['text']).__name__}")
-            try:
-                obj["text"].encode("utf-8")
-            except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
-                raise ResponseFileError(
-                    f"{where}: text has an unpaired surrogate {obj['text'][exc.start]!r} at position "
-                    f"{exc.start} (not valid Unicode)"
-                ) from None
-            if qid in seen:
-                raise ResponseFileError(f"{where}: duplicate question_id {qid} (first on line {seen[qid]})")
-            seen[qid] = line_no
-            extra = {k: v for k, v in obj.items() if k not in ("question_id", "text")}
-            response_lp, reference_lp = _logprobs(obj, where)
-            records.append(
-                ResponseRecord(qid, obj["text"], path, line_no, extra or None, response_lp, reference_lp)
-            )
+    for line_no, obj in json_lines(path, ResponseFileError):
+        where = f"{path}:{line_no}"
+        missing = [k for k in ("question_id", "text") if k not in obj]
+        if missing:
+            raise ResponseFileError(f"{where}: missing field(s) {', '.join(missing)}")
+        qid = obj["question_id"]
+        if isinstance(qid, str) and qid.strip().lstrip("-").isdigit():
+            qid = int(qid)
+        if not isinstance(qid, int) or isinstance(qid, bool):
+            raise ResponseFileError(f"{where}: question_id must be an integer, got {qid!r}")
+        if not isinstance(obj["text"], str):
+            raise ResponseFileError(f"{where}: text must be a string, got {type(obj['text']).__name__}")
+        try:
+            obj["text"].encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+            raise ResponseFileError(
+                f"{where}: text has an unpaired surrogate {obj['text'][exc.start]!r} at position "
+                f"{exc.start} (not valid Unicode)"
+            ) from None
+        if qid in seen:
+            raise ResponseFileError(f"{where}: duplicate question_id {qid} (first on line {seen[qid]})")
+        seen[qid] = line_no
+        extra = {k: v for k, v in obj.items() if k not in ("question_id", "text")}
+        response_lp, reference_lp = _logprobs(obj, where)
+        records.append(
+            ResponseRecord(qid, obj["text"], path, line_no, extra or None, response_lp, reference_lp)
+        )
     if not records:
         raise ResponseFileError(f"response file {path} is empty")
     return records

@@ -14,6 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lmms_emi import scenarios as sc
+from lmms_emi._io import json_lines
 from lmms_emi.errors import UsageError
 from lmms_emi.estimator_registry import file_sha256
 from lmms_emi.judge import Judgment
@@ -160,26 +161,19 @@ def read_run(run_dir: str | Path, *, metric: str = RECORD_METRIC) -> RunRecords:
 
 def _read_records(path: Path, metric: str) -> list[dict[str, Any]] | None:
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
-            rec = obj.get(metric)
-            if rec is None and not rows and line_no == 1:
-                return None  # a task without the EMI metric
-            if not isinstance(rec, dict) or not {"question", "response"} <= set(rec):
-                raise UsageError(
-                    f"{path}:{line_no}: no EMI record under {metric!r} (question, response, doc_id)"
-                )
-            doc_id = rec.get("doc_id", obj.get("doc_id"))
-            if doc_id is None:
-                raise UsageError(f"{path}:{line_no}: the record has no doc_id")
-            verdict = _judge_entry(obj)
-            rows.append({**rec, "doc_id": int(doc_id), **({"_judge": verdict} if verdict else {})})
+    for line_no, obj in json_lines(path, UsageError):
+        rec = obj.get(metric)
+        if rec is None and not rows and line_no == 1:
+            return None  # a task without the EMI metric
+        if not isinstance(rec, dict) or not {"question", "response"} <= set(rec):
+            raise UsageError(
+                f"{path}:{line_no}: no EMI record under {metric!r} (question, response, doc_id)"
+            )
+        doc_id = rec.get("doc_id", obj.get("doc_id"))
+        if doc_id is None:
+            raise UsageError(f"{path}:{line_no}: the record has no doc_id")
+        verdict = _judge_entry(obj)
+        rows.append({**rec, "doc_id": int(doc_id), **({"_judge": verdict} if verdict else {})})
     return rows or None
 
 
