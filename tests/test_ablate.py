@@ -287,3 +287,36 @@ def test_the_runs_space_is_named_by_its_profile(judged, root) -> None:
     assert main(args) == 0
     result = json.loads(artifact(root / "as_offline_out", "emi_ablation.json").read_text())
     assert list(result["spaces"]) == ["offline (run)"] and not list(copy.glob("*_emi_space_*"))
+
+
+def test_a_score_run_with_its_own_column_names_gets_another_space(judged, root, tiny) -> None:
+    """A run scored with --question-column / --reference-column (a dataset whose columns have other names)
+    records them, so ablate gathers its records again with the same columns and embeds another space."""
+    from datasets import load_from_disk
+
+    demo = root / "demo"
+    renamed = root / "renamed"
+    dataset = load_from_disk(str(demo / "dataset"))
+    dataset = dataset.rename_columns({"question": "prompt_text", "reference_answer": "gold"})
+    dataset.save_to_disk(str(renamed))
+    shutil.copy(demo / "dataset" / "lmms_emi_demo.json", renamed / "lmms_emi_demo.json")
+    out = root / "run_columns"
+    with JudgeServer() as server:
+        args = ["score", "--dataset", str(renamed), "--responses", str(demo / "responses"),
+                "--benchmark", "synthetic", "--question-column", "prompt_text", "--reference-column", "gold",
+                *tiny["run"], *FIT, "--bootstrap", "0", "--emi-cache", str(root / "cache"), "--output-path",
+                str(out), "--judge", "--judge-model", MODEL, "--judge-base-url", server.url,
+                "--judge-api-key", API_KEY, "--judge-cache", str(root / "judge_cache")]  # fmt: skip
+        assert main(args) == 0
+    report = json.loads(artifact(out, "emi_report_synthetic.json").read_text())
+    assert report["metadata"]["columns"] == {"question": "prompt_text", "reference": "gold", "image": None}
+    spaces = root / "spaces_columns"
+    args = ["ablate", str(out), "--spaces", "paper", *tiny["other"], "--mi-estimators", "club",
+            "--jsd-estimators", "rjsd", "--emi-cache", str(root / "cache2"), *FIT,
+            "--output-path", str(spaces)]  # fmt: skip
+    assert main(args) == 0
+    table = json.loads(artifact(spaces, "emi_ablation.json").read_text())
+    # the same records as the original run's: the same embeddings of the other space, so the same cells
+    original = json.loads(sorted((root / "spaces").glob("*_emi_ablation.json"))[0].read_text())
+    cell = _cell(table["table4"], space="paper")
+    assert cell["spearman_rho"] == _cell(original["table4"], space="paper")["spearman_rho"]

@@ -195,7 +195,7 @@ def _records(ns: argparse.Namespace, judged: JudgedRun, progress: bool) -> dict[
 
     meta = judged.metadata
     if meta.get("responses") and meta.get("benchmark"):
-        from lmms_emi.sources.datasets import load_splits
+        from lmms_emi.sources.datasets import ColumnNames, load_splits
         from lmms_emi.sources.response_files import collect_samples
 
         responses = Path(meta["responses"])
@@ -208,7 +208,8 @@ def _records(ns: argparse.Namespace, judged: JudgedRun, progress: bool) -> dict[
         splits = load_splits(
             ns.dataset or meta.get("dataset"), meta["benchmark"], [s.split for s in scenarios]
         )
-        return collect_samples(splits, scenarios, responses, str(meta["model"]), progress=progress)
+        columns = ColumnNames(**(meta.get("columns") or {}))  # the columns the run's --*-column flags named
+        return collect_samples(splits, scenarios, responses, str(meta["model"]), columns, progress=progress)
     folder = meta.get("run_dir") or (Path(meta["results_file"]).parent if meta.get("results_file") else None)
     if folder is None and any(judged.folder.glob(f"{judged.run_id}_samples_*.jsonl")):
         folder = judged.folder  # an `eval` run: its reports sit beside its samples logs

@@ -105,4 +105,7 @@ def _run(ns: argparse.Namespace, ready: Ready, scenarios: list[sc.Scenario], out
         "responses": str(ns.responses),
         "encoders": ready.config.encoders,
     }
+    if any((ns.question_column, ns.reference_column, ns.image_column)):  # so ablate can gather them again
+        metadata["columns"] = {"question": ns.question_column, "reference": ns.reference_column}
+        metadata["columns"]["image"] = ns.image_column
     return finish(ready, samples, metadata, out, judge=judge)
