@@ -24,6 +24,8 @@ Usage::
     python benchmarks/bench_fit.py                                   # demo data in a temp folder
     python benchmarks/bench_fit.py --embeddings RUN/emi_embeddings.safetensors --json out.json
     python benchmarks/bench_fit.py --recipes early,fast              # skip the 5,000-step recipe
+    python benchmarks/bench_fit.py --recipes early,fast --seeds 0,1,2  # each fit at 3 seeds: how reproducible
+                                                                     # is each recipe, fit against fit?
 """
 
 from __future__ import annotations
@@ -106,11 +108,61 @@ def _emis(ordered: dict[str, Any], plan: Any, club: CLUB, *, bootstrap: int, see
     return results
 
 
-def bench(embeddings_file: Path, *, seed: int, bootstrap: int, recipes: list[str]) -> dict[str, Any]:
+def _split_fit(
+    x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, test: torch.Tensor, recipe: str, seed: int
+) -> dict[str, Any]:
+    """Fit ``recipe`` on the train rows and score the mean log-likelihood of the test rows."""
+    method, patience = RECIPES[recipe]
+    t = time.perf_counter()
+    club = CLUB(x.shape[1], y.shape[1]).fit(
+        x[train], y[train], method=method, seed=seed, patience=patience, progress=False
+    )
+    seconds = time.perf_counter() - t
+    with torch.no_grad():
+        ll = float(club.log_likelihood(x[test], y[test]))
+    return {"test_log_likelihood": ll, "seconds": seconds, **_summary(club)}
+
+
+def _run_fit(
+    ordered: dict[str, Any], plan: Any, recipe: str, *, seed: int, bootstrap: int, bootstrap_seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit ``recipe`` on all pooled pairs as a run does; (its summary with the wall time, EMI per task)."""
+    method, patience = RECIPES[recipe]
+    t = time.perf_counter()
+    club = fit_pooled_estimator(ordered, seed=seed, patience=patience, progress=False, method=method)
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, **_summary(club)}, _emis(
+        ordered, plan, club, bootstrap=bootstrap, seed=bootstrap_seed
+    )
+
+
+def _in_interval(p: Any, q: Any) -> bool:
+    """Whether q's EMI lies inside p's bootstrap interval (False when either is missing)."""
+    return (
+        p.emi_ci is not None
+        and p.emi is not None
+        and q.emi is not None
+        and p.emi_ci[0] <= q.emi <= p.emi_ci[1]
+    )
+
+
+def _prepare(embeddings_file: Path) -> tuple[dict[str, Any], Any, torch.Tensor, torch.Tensor]:
     embeddings, _spec = load_embeddings(embeddings_file)
     plan = plan_run(list(embeddings))
     ordered = {t: embeddings[t] for t in plan.order}
     x, y = pooled_pairs(ordered)
+    return ordered, plan, x, y
+
+
+def _test_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test rows, train rows): a seeded 20 % / 80 % split of the pooled pairs that no recipe trains on."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    n_test = n // 5
+    return order[:n_test], order[n_test:]
+
+
+def bench(embeddings_file: Path, *, seed: int, bootstrap: int, recipes: list[str]) -> dict[str, Any]:
+    ordered, plan, x, y = _prepare(embeddings_file)
     out: dict[str, Any] = {
         "pairs": int(x.shape[0]),
         "dim": [int(x.shape[1]), int(y.shape[1])],
@@ -121,19 +173,9 @@ def bench(embeddings_file: Path, *, seed: int, bootstrap: int, recipes: list[str
     }
 
     # held-out log-likelihood on a test split no recipe trains on
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + 1))
-    n_test = x.shape[0] // 5
-    test, train = order[:n_test], order[n_test:]
+    test, train = _test_split(x.shape[0], seed)
     for recipe in recipes:
-        method, patience = RECIPES[recipe]
-        t = time.perf_counter()
-        club = CLUB(x.shape[1], y.shape[1]).fit(
-            x[train], y[train], method=method, seed=seed, patience=patience, progress=False
-        )
-        seconds = time.perf_counter() - t
-        with torch.no_grad():
-            ll = float(club.log_likelihood(x[test], y[test]))
-        out["split"][recipe] = {"test_log_likelihood": ll, "seconds": seconds, **_summary(club)}
+        out["split"][recipe] = _split_fit(x, y, train, test, recipe, seed)
     for a, b in PAIRS:
         if a in recipes and b in recipes:
             ref = out["split"][b]["test_log_likelihood"]
@@ -143,32 +185,133 @@ def bench(embeddings_file: Path, *, seed: int, bootstrap: int, recipes: list[str
     # EMI per task, each recipe fitted on all pooled pairs as a run does
     analyses = {}
     for recipe in recipes:
-        method, patience = RECIPES[recipe]
-        t = time.perf_counter()
-        club = fit_pooled_estimator(ordered, seed=seed, patience=patience, progress=False, method=method)
-        seconds = time.perf_counter() - t
-        out["run"][recipe] = {"seconds": seconds, **_summary(club)}
-        analyses[recipe] = _emis(ordered, plan, club, bootstrap=bootstrap, seed=seed)
+        out["run"][recipe], analyses[recipe] = _run_fit(
+            ordered, plan, recipe, seed=seed, bootstrap=bootstrap, bootstrap_seed=seed
+        )
     for task in analyses[recipes[0]]:
         out["tasks"][task] = {r: [analyses[r][task].emi, analyses[r][task].emi_ci] for r in recipes}
     for a, b in PAIRS:
         if a not in recipes or b not in recipes:
             continue
-        inside = []
-        for task, ra in analyses[a].items():
-            rb = analyses[b][task]
-            inside.append(
-                all(
-                    p.emi_ci is not None
-                    and p.emi is not None
-                    and q.emi is not None
-                    and p.emi_ci[0] <= q.emi <= p.emi_ci[1]
-                    for p, q in ((ra, rb), (rb, ra))
-                )
-            )
+        inside = [
+            _in_interval(ra, analyses[b][task]) and _in_interval(analyses[b][task], ra)
+            for task, ra in analyses[a].items()
+        ]
         out[f"tasks_within_intervals_{a}_vs_{b}"] = f"{sum(inside)}/{len(inside)}"
         out[f"time_ratio_{a}_over_{b}"] = out["run"][a]["seconds"] / out["run"][b]["seconds"]
     return out
+
+
+def bench_seeds(
+    embeddings_file: Path, *, seeds: list[int], seed: int, bootstrap: int, recipes: list[str]
+) -> dict[str, Any]:
+    """Every recipe fitted at every seed of ``seeds`` (the fit's seed only: the 20 % test split and the
+    bootstrap resamples stay those of ``seed``, so fits differ by their own randomness alone). For every pair
+    of fits: how many tasks' EMI lie inside the other's interval (one way each, and both ways); per recipe and
+    task: the spread of EMI across seeds."""
+    ordered, plan, x, y = _prepare(embeddings_file)
+    test, train = _test_split(x.shape[0], seed)
+    fits: dict[str, dict[str, Any]] = {}
+    analyses: dict[str, dict[str, Any]] = {}
+    for recipe in recipes:
+        for s in seeds:
+            label = f"{recipe}@{s}"
+            split = _split_fit(x, y, train, test, recipe, s)
+            run, analyses[label] = _run_fit(
+                ordered, plan, recipe, seed=s, bootstrap=bootstrap, bootstrap_seed=seed
+            )
+            fits[label] = {
+                "recipe": recipe,
+                "seed": s,
+                "test_log_likelihood": split["test_log_likelihood"],
+                "split_seconds": split["seconds"],
+                "split_steps_run": split["steps_run"],
+                "run_seconds": run["seconds"],
+                "steps_run": run["steps_run"],
+                "best_step": run["best_step"],
+            }
+            print(
+                f"fitted {label}: {run['seconds']:.2f} s (run), test LL {split['test_log_likelihood']:.4f}",
+                flush=True,
+            )
+    labels = list(fits)
+    tasks = list(analyses[labels[0]])
+    agreement = []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            a_in_b = [t for t in tasks if _in_interval(analyses[b][t], analyses[a][t])]
+            b_in_a = [t for t in tasks if _in_interval(analyses[a][t], analyses[b][t])]
+            both = set(a_in_b) & set(b_in_a)
+            agreement.append({
+                "a": a, "b": b, "n": len(tasks), "both_ways": len(both), "a_in_b": len(a_in_b),
+                "b_in_a": len(b_in_a), "missed": [t for t in tasks if t not in both],
+            })  # fmt: skip
+    spread: dict[str, dict[str, dict[str, float]]] = {}
+    for recipe in recipes:
+        spread[recipe] = {}
+        for t in tasks:
+            values = torch.tensor([analyses[f"{recipe}@{s}"][t].emi for s in seeds], dtype=torch.float64)
+            cis = [analyses[f"{recipe}@{s}"][t].emi_ci for s in seeds]
+            spread[recipe][t] = {
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "range": float(values.max() - values.min()),
+                "std": float(values.std(correction=1)) if len(seeds) > 1 else 0.0,
+                "mean": float(values.mean()),
+                "mean_ci_width": sum(c[1] - c[0] for c in cis) / len(cis) if all(cis) else float("nan"),
+            }
+    return {
+        "pairs": int(x.shape[0]),
+        "dim": [int(x.shape[1]), int(y.shape[1])],
+        "torch_threads": torch.get_num_threads(),
+        "seeds": seeds,
+        "split_and_bootstrap_seed": seed,
+        "fits": fits,
+        "tasks": {t: {lab: [analyses[lab][t].emi, analyses[lab][t].emi_ci] for lab in labels} for t in tasks},
+        "agreement": agreement,
+        "spread": spread,
+    }
+
+
+def _print_seeds(out: dict[str, Any], recipes: list[str]) -> None:
+    print(
+        f"pairs: {out['pairs']}, dims: {out['dim']}, torch threads: {out['torch_threads']}, fit seeds "
+        f"{out['seeds']} (test split and bootstrap seed {out['split_and_bootstrap_seed']})"
+    )
+    print(f"{'fit':10} {'fit s (run)':>12} {'steps':>6} {'best':>6} {'test LL':>12} {'fit s (split)':>14}")
+    for label, f in out["fits"].items():
+        print(
+            f"{label:10} {f['run_seconds']:12.2f} {f['steps_run']:6d} {f['best_step']!s:>6} "
+            f"{f['test_log_likelihood']:12.4f} {f['split_seconds']:14.2f}"
+        )
+    print(
+        "tasks whose EMI lies in the other fit's interval: both ways (a in b's, b in a's) / n; missed tasks"
+    )
+    for g in out["agreement"]:
+        missed = ", ".join(g["missed"]) or "-"
+        print(
+            f"  {g['a']:>8} vs {g['b']:<8} {g['both_ways']:2d} ({g['a_in_b']}, {g['b_in_a']}) / {g['n']}"
+            f"   {missed}"
+        )
+    print(
+        "EMI spread across seeds (max - min), over tasks: median, max (task); median bootstrap interval width"
+    )
+    for recipe in recipes:
+        rows = out["spread"][recipe]
+        ranges = sorted(r["range"] for r in rows.values())
+        worst = max(rows, key=lambda t: rows[t]["range"])
+        widths = sorted(r["mean_ci_width"] for r in rows.values())
+        print(
+            f"  {recipe:8} median {ranges[len(ranges) // 2]:.4f}, max {ranges[-1]:.4f} ({worst}); "
+            f"interval width median {widths[len(widths) // 2]:.4f}"
+        )
+    missed = sorted({t for g in out["agreement"] for t in g["missed"]})
+    if missed:
+        print("missed tasks: EMI [interval] per fit")
+    for t in missed:
+        print(f"  {t}")
+        for label, (emi, ci) in out["tasks"][t].items():
+            print(f"    {label:10} {emi:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]")
 
 
 def main() -> int:
@@ -176,6 +319,11 @@ def main() -> int:
     p.add_argument("--embeddings", type=Path, help="a run's emi_embeddings.safetensors (default: the demo)")
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the demo data and its embeddings here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        help="comma-separated fit seeds (e.g. 0,1,2): fit every recipe at each, compare every pair of fits "
+        "(the test split and the bootstrap stay those of --seed)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
     p.add_argument("--json", type=Path, help="write the numbers here")
@@ -183,6 +331,13 @@ def main() -> int:
     recipes = [r for r in RECIPES if r in ns.recipes.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_fit_") as tmp:
         path = ns.embeddings or demo_embeddings(ns.workdir or Path(tmp))
+        if ns.seeds:
+            seeds = [int(v) for v in ns.seeds.split(",")]
+            out = bench_seeds(path, seeds=seeds, seed=ns.seed, bootstrap=ns.bootstrap, recipes=recipes)
+            _print_seeds(out, recipes)
+            if ns.json:
+                ns.json.write_text(json.dumps(out, indent=2, default=str))
+            return 0
         out = bench(path, seed=ns.seed, bootstrap=ns.bootstrap, recipes=recipes)
     print(f"pairs: {out['pairs']}, dims: {out['dim']}, torch threads: {out['torch_threads']}")
     print(f"{'recipe':8} {'fit s (run)':>12} {'steps':>6} {'test LL':>12} {'fit s (split)':>14}")
