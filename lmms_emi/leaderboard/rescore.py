@@ -159,8 +159,4 @@ class CommonEstimator:
             tasks={t: a.to_dict() for t, a in result.singles.items()},
             warnings=list(result.warnings),
         )
-        if settings.get("entropy_scale_estimate"):  # the run's Ĥ estimate is reused: say so again
-            for key in ("benchmarks", "tasks"):
-                for analysis in data["lmms_emi"][key].values():
-                    analysis["settings"]["entropy_scale_estimate"] = settings["entropy_scale_estimate"]
         return replace(run, data=data, rescored=True)
