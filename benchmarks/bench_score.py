@@ -59,6 +59,8 @@ def _child(argv: list[str]) -> int:
     import lmms_emi.cli as cli  # everything the command imports at start-up
     from lmms_emi.cli import score
 
+    cli.load_libraries("score")  # as main() does before the run: the pipeline's libraries, collector paused
+
     t_imported = time.time()
     spans: dict[str, float] = {}
     captured: dict[str, Any] = {}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["KIND_COLOURS", "ScatterFigure", "draw"]
+__all__ = ["KIND_COLOURS", "MATPLOTLIB_MODULES", "ScatterFigure", "draw"]
+
+MATPLOTLIB_MODULES = ("matplotlib.figure", "matplotlib.backends.backend_agg")  # what :func:`draw` imports
 
 KIND_COLOURS = {"visual": "tab:blue", "text": "tab:orange", "joint": "tab:red", "ood": "tab:grey"}
 
@@ -58,4 +60,7 @@ def draw(figure: ScatterFigure, path: str | os.PathLike[str]) -> None:
     else:
         ax.text(0.5, 0.5, figure.empty_text, ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
+    # tight_layout leaves a placeholder layout engine, which makes savefig lay out (draw) the figure once more
+    # before drawing it; the layout is final, so drop the engine: same PNG, one draw fewer (~30 ms)
+    fig.set_layout_engine(None)
     fig.savefig(path, format="png")

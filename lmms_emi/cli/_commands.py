@@ -7,13 +7,23 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from lmms_emi.figure import MATPLOTLIB_MODULES
+
 __all__ = ["COMMANDS", "Command", "subcommand_parser"]
 
 
 @dataclass(frozen=True)
 class Command:
+    """A subcommand: its module, its one-line help and the libraries its run loads (modules that
+    ``lmms_emi.cli.load_libraries`` imports before the run: torch, scipy, matplotlib, ...)."""
+
     module: str
     help: str
+    libraries: tuple[str, ...] = ()
+
+
+# what score and analyze run on: the pipeline (torch, scipy), the report step and the report's figure
+_PIPELINE_LIBRARIES = ("lmms_emi.pipeline.preflight", "lmms_emi.cli._report", *MATPLOTLIB_MODULES)
 
 
 COMMANDS: dict[str, Command] = {
@@ -22,9 +32,15 @@ COMMANDS: dict[str, Command] = {
         "run lmms-eval with the plugin's tasks (arguments go to lmms-eval; see `lmms-emi eval --help`)",
     ),
     "analyze": Command(
-        "lmms_emi.cli.analyze", "report from an lmms-eval output folder written with --log_samples"
+        "lmms_emi.cli.analyze",
+        "report from an lmms-eval output folder written with --log_samples",
+        _PIPELINE_LIBRARIES,
     ),
-    "score": Command("lmms_emi.cli.score", "EMI / EMID / bound from saved response files against a dataset"),
+    "score": Command(
+        "lmms_emi.cli.score",
+        "EMI / EMID / bound from saved response files against a dataset",
+        _PIPELINE_LIBRARIES,
+    ),
     "train-estimator": Command(
         "lmms_emi.cli.train_estimator",
         "fit and freeze one CLUB estimator from the embeddings saved by score/analyze/eval runs",
