@@ -450,8 +450,10 @@ def _same_outputs(a: Path, b: Path) -> tuple[bool, bool]:
     same_emb = ea.keys() == eb.keys() and all(ea[k].tobytes() == eb[k].tobytes() for k in ea)
     ja = {_unprefixed(p): p for p in a.glob("*_emi_report*.json")}
     jb = {_unprefixed(p): p for p in b.glob("*_emi_report*.json")}
-    same_json = bool(ja) and ja.keys() == jb.keys() and all(
-        _strip(json.loads(ja[k].read_text())) == _strip(json.loads(jb[k].read_text())) for k in ja
+    same_json = (
+        bool(ja)
+        and ja.keys() == jb.keys()
+        and all(_strip(json.loads(ja[k].read_text())) == _strip(json.loads(jb[k].read_text())) for k in ja)
     )
     return same_emb, same_json
 

@@ -65,9 +65,7 @@ def _create_temp(folder: Path, name: str) -> Path:
         return tmp
 
 
-def atomic_write(
-    path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool = True
-) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool = True) -> Path:
     """Write ``path`` atomically: ``write(tmp)`` fills a temp file in the same folder, then ``os.replace``.
 
     The temp file is removed if ``write`` fails, so readers never see a partial file or a leftover. The

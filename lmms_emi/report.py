@@ -294,9 +294,7 @@ def write_run_reports(
     raise FileExistsError(f"{out}: no free run id after {base}-999")
 
 
-def _publish_run_reports(
-    run: RunAnalysis, out: Path, prefix: str
-) -> dict[str, dict[str, Path]]:
+def _publish_run_reports(run: RunAnalysis, out: Path, prefix: str) -> dict[str, dict[str, Path]]:
     embeddings_name = f"{prefix}_{EMBEDDINGS_FILE}"
     if (out / embeddings_name).exists():
         raise _PrefixTaken

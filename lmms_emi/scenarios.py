@@ -97,7 +97,7 @@ class Scenario:
 
     @property
     def shift_kind(self) -> str:
-        """"id", "visual", "text" or "joint"."""
+        """ "id", "visual", "text" or "joint"."""
         if self.visual_shift and self.text_shift:
             return "joint"
         if self.visual_shift:

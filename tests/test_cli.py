@@ -667,9 +667,7 @@ def test_analyze_starts_from_what_the_run_recorded(tmp_path, monkeypatch):
         monkeypatch.delenv(var)
     ckpt = tmp_path / "club.safetensors"
     ckpt.write_bytes(b"weights")
-    _recorded_run(
-        tmp_path / "run", {"source": "checkpoint", "path": str(ckpt), "sha256": file_sha256(ckpt)}
-    )
+    _recorded_run(tmp_path / "run", {"source": "checkpoint", "path": str(ckpt), "sha256": file_sha256(ckpt)})
     recorded = recorded_options(tmp_path / "run")
     assert recorded == {"encoders": "offline", "seed": 7, "bootstrap": 123, "estimator": str(ckpt)}
     base = EMIConfig.from_sources(environ={OPTIONS_VAR: json.dumps(recorded)})

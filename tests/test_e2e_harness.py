@@ -385,7 +385,11 @@ def test_runs_sharing_an_output_folder_never_touch_each_others_files(setup: dict
     procs = [
         subprocess.Popen(
             [*_cli(), *args, *_emi_args(setup, out, "--bootstrap", str(n))],
-            cwd=setup["root"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=setup["root"],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for n in (30, 31)
     ]

@@ -115,9 +115,10 @@ def test_encoder_identity_is_recorded_without_loading(tiny: Path) -> None:
     assert profile_spec("e5v-joint", vision=f"e5v-joint:{tiny}", text=f"e5v:{tiny}") == spec
     disjoint = profile_spec("e5v-disjoint", vision=f"e5v:{tiny}", text=f"e5v:{tiny}", vision_name="my/e5v")
     assert disjoint["vision"] == {"name": "my/e5v", "feature": "e5v_image", "layer": 2, "dim": 48}
-    assert emb.encoder_info("vision").cache_id != embedder(tiny, False, cache_dir=False).encoder_info(
-        "vision"
-    ).cache_id  # joint and image vectors never share cache entries
+    assert (
+        emb.encoder_info("vision").cache_id
+        != embedder(tiny, False, cache_dir=False).encoder_info("vision").cache_id
+    )  # joint and image vectors never share cache entries
     # the real model's identity, fixed (royokong/e5-v: Llama-3-8B, 32 layers, 4096 wide)
     assert profile_spec("e5v-disjoint") == {
         "vision": {"name": "royokong/e5-v", "feature": "e5v_image", "layer": 32, "dim": 4096},

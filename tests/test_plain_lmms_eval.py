@@ -280,9 +280,10 @@ def test_launcher_gives_the_same_numbers(plain: dict, demo: dict[str, Path]) -> 
     _, seconds = _run(cmd, demo["root"], _env())
     launched = _results(out)
     _same(plain["results"], launched, TASKS, (*KEYS, "emid_bound_partial,none", "emi_n,none"))
-    assert launched["groups"][GROUP]["emid_pearson,none"] == plain["results"]["groups"][GROUP][
-        "emid_pearson,none"
-    ]
+    assert (
+        launched["groups"][GROUP]["emid_pearson,none"]
+        == plain["results"]["groups"][GROUP]["emid_pearson,none"]
+    )
     print(f"wall time: plain lmms-eval {plain['seconds']:.1f} s, lmms-emi eval {seconds:.1f} s")
 
 

@@ -158,4 +158,3 @@ def test_the_figure_is_deterministic(tmp_path):
     assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(FileNotFoundError):
         draw(figure, tmp_path / "no_folder" / "x.png")
-

@@ -341,6 +341,7 @@ def test_failing_emi_step_loses_no_generation(user: dict[str, Any], log_samples:
     ]  # fmt: skip
     extra = ["--log_samples"] if log_samples else []
     env = _env(LMMS_EMI_DATA=f"natural={user['data']}")
+
     def lmms_eval(out: Path, environ: dict[str, str]) -> subprocess.CompletedProcess:
         args = [*base, *extra, "--output_path", str(out)]
         return subprocess.run(args, cwd=user["root"], env=environ, capture_output=True, text=True)

@@ -37,7 +37,6 @@ def set_arg(argv: list[str], name: str, value: str | None) -> list[str]:
     return out
 
 
-
 def pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
     """(value of ``name``, ``args`` without it); handles ``--x v`` and ``--x=v``."""
     value, out, i = None, [], 0

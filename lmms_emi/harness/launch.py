@@ -509,7 +509,6 @@ def _summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
 # ------------------------------------------------------------------------------------------- entry point
 def run_eval(config: EMIConfig, lmms_args: list[str], *, metrics: str | None) -> int:
     """Run lmms-eval with ``lmms_args`` and the EMI ``config``; return the exit status (raises

@@ -259,7 +259,15 @@ def analyze_run(
         for w in t.warnings
     ]
     run = RunAnalysis(
-        benchmarks, singles, info, club, ordered, spec, settings, meta, [*plan.warnings, *flagged],
+        benchmarks,
+        singles,
+        info,
+        club,
+        ordered,
+        spec,
+        settings,
+        meta,
+        [*plan.warnings, *flagged],
         entropy_estimate=entropy,
     )
     if judge is not None:

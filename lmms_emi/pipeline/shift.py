@@ -84,10 +84,14 @@ class AnalysisSettings:
     jsd_estimator: str = DEFAULT_JSD_ESTIMATOR
 
     def __post_init__(self) -> None:
-        if self.entropy_scale is not None and self.entropy_scale != ESTIMATE and not (
-            isinstance(self.entropy_scale, (int, float))
-            and math.isfinite(self.entropy_scale)
-            and self.entropy_scale >= 0
+        if (
+            self.entropy_scale is not None
+            and self.entropy_scale != ESTIMATE
+            and not (
+                isinstance(self.entropy_scale, (int, float))
+                and math.isfinite(self.entropy_scale)
+                and self.entropy_scale >= 0
+            )
         ):
             raise UsageError(
                 f"the entropy scale must be a finite number >= 0 or {ESTIMATE!r}, got {self.entropy_scale!r}"

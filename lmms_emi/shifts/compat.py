@@ -48,6 +48,7 @@ def check_installed(what: str) -> None:
             f"{what} needs {', '.join(missing)} (the shift transforms): pip install 'lmms-emi[shifts]'"
         )
 
+
 _LOCK = threading.Lock()
 _FIXES: list[str] = []
 _MODULE: Any = None

@@ -166,9 +166,7 @@ def _read_records(path: Path, metric: str) -> list[dict[str, Any]] | None:
         if rec is None and not rows and line_no == 1:
             return None  # a task without the EMI metric
         if not isinstance(rec, dict) or not {"question", "response"} <= set(rec):
-            raise UsageError(
-                f"{path}:{line_no}: no EMI record under {metric!r} (question, response, doc_id)"
-            )
+            raise UsageError(f"{path}:{line_no}: no EMI record under {metric!r} (question, response, doc_id)")
         doc_id = rec.get("doc_id", obj.get("doc_id"))
         if doc_id is None:
             raise UsageError(f"{path}:{line_no}: the record has no doc_id")
