@@ -137,14 +137,19 @@ def test_outputs(ablated, capsys) -> None:
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging or temp file left
 
 
+def _other_space(run: Path, out: Path, root: Path, tiny: dict[str, list[str]]) -> list[str]:
+    """``lmms-emi ablate RUN`` adding the second tiny encoder pair as space "paper" (CLUB and RJSD only)."""
+    return ["ablate", str(run), "--spaces", "paper", *tiny["other"], "--mi-estimators", "club",
+            "--jsd-estimators", "rjsd", "--emi-cache", str(root / "cache2"), *FIT,
+            "--output-path", str(out)]  # fmt: skip
+
+
 def test_a_second_space_is_embedded_once(judged, root, tiny) -> None:
     """A space not yet computed is embedded from the run's records and saved beside the run; a second
     ablate reads that file (no encoder at all) and writes its reports under a new name; without the file
     the embedding cache answers every item (no encoder call)."""
     out = root / "spaces"
-    args = ["ablate", str(judged), "--spaces", "paper", *tiny["other"], "--mi-estimators", "club",
-            "--jsd-estimators", "rjsd", "--emi-cache", str(root / "cache2"), *FIT,
-            "--output-path", str(out)]  # fmt: skip
+    args = _other_space(judged, out, root, tiny)
     assert main(args) == 0
     first = json.loads(artifact(out, "emi_ablation.json").read_text())
     space = first["spaces"]["paper"]
@@ -311,10 +316,7 @@ def test_a_score_run_with_its_own_column_names_gets_another_space(judged, root, 
     report = json.loads(artifact(out, "emi_report_synthetic.json").read_text())
     assert report["metadata"]["columns"] == {"question": "prompt_text", "reference": "gold", "image": None}
     spaces = root / "spaces_columns"
-    args = ["ablate", str(out), "--spaces", "paper", *tiny["other"], "--mi-estimators", "club",
-            "--jsd-estimators", "rjsd", "--emi-cache", str(root / "cache2"), *FIT,
-            "--output-path", str(spaces)]  # fmt: skip
-    assert main(args) == 0
+    assert main(_other_space(out, spaces, root, tiny)) == 0
     table = json.loads(artifact(spaces, "emi_ablation.json").read_text())
     # the same records as the original run's: the same embeddings of the other space, so the same cells
     original = json.loads(sorted((root / "spaces").glob("*_emi_ablation.json"))[0].read_text())
