@@ -46,6 +46,7 @@ __all__ = [
     "check_probe_outputs",
     "check_state",
     "fingerprint",
+    "manifest_for",
     "probe_batch",
     "read_checkpoint",
     "tensors_checksum",
@@ -119,6 +120,28 @@ class CheckpointManifest:
             raise ValueError(f"manifest of format {data['format']!r}, expected one of {FORMAT_NAMES}")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def manifest_for(
+    estimator: Any,
+    encoders: Mapping[str, Any],
+    *,
+    architecture: Mapping[str, Any] | None = None,
+    format: str = FORMAT_NAME,
+) -> CheckpointManifest:
+    """The manifest of an estimator with ``x_dim``, ``y_dim``, ``hidden_size`` and ``fit_info_`` (None until
+    fitted): its sizes, the encoder spec and, if fitted, the fit's data fingerprint and hyperparameters,
+    followed by ``architecture`` (what rebuilds it: a critic's bound and kind)."""
+    info = estimator.fit_info_
+    return CheckpointManifest(
+        x_dim=estimator.x_dim,
+        y_dim=estimator.y_dim,
+        hidden_size=estimator.hidden_size,
+        encoders=dict(encoders),
+        data_fingerprint=info.data_fingerprint if info else "",
+        hyperparameters={**(dict(info.hyperparameters) if info else {}), **dict(architecture or {})},
+        format=format,
+    )
 
 
 def tensors_checksum(state: Mapping[str, torch.Tensor]) -> str:

@@ -34,6 +34,7 @@ from lmms_emi.estimators.checkpoint import (
     check_probe_outputs,
     check_state,
     fingerprint,
+    manifest_for,
     probe_batch,
     read_checkpoint,
     write_checkpoint,
@@ -277,15 +278,7 @@ class CLUB(nn.Module):
     # -- checkpoints -------------------------------------------------------------------------------
     def make_manifest(self, encoders: Mapping[str, Any]) -> CheckpointManifest:
         """A manifest for this estimator: its sizes, the given encoder spec and, if fitted, the fit data."""
-        info = self.fit_info_
-        return CheckpointManifest(
-            x_dim=self.x_dim,
-            y_dim=self.y_dim,
-            hidden_size=self.hidden_size,
-            encoders=dict(encoders),
-            data_fingerprint=info.data_fingerprint if info else "",
-            hyperparameters=dict(info.hyperparameters) if info else {},
-        )
+        return manifest_for(self, encoders)
 
     def save(self, path: str | os.PathLike, manifest: CheckpointManifest) -> Path:
         """Write the state dict and ``manifest`` (its ``tensors_sha256`` set to the state dict's checksum) as

@@ -34,6 +34,7 @@ from lmms_emi.estimators.checkpoint import (
     check_encoders,
     check_state,
     fingerprint,
+    manifest_for,
     probe_batch,
     read_checkpoint,
     write_checkpoint,
@@ -275,16 +276,7 @@ class CriticMI(nn.Module):
 
     def make_manifest(self, encoders: Mapping[str, Any]) -> CheckpointManifest:
         """A manifest for this estimator: sizes, architecture, the encoder spec and, if fitted, the fit."""
-        info = self.fit_info_
-        return CheckpointManifest(
-            x_dim=self.x_dim,
-            y_dim=self.y_dim,
-            hidden_size=self.hidden_size,
-            encoders=dict(encoders),
-            data_fingerprint=info.data_fingerprint if info else "",
-            hyperparameters={**(dict(info.hyperparameters) if info else {}), **self._architecture()},
-            format=CRITIC_FORMAT_NAME,
-        )
+        return manifest_for(self, encoders, architecture=self._architecture(), format=CRITIC_FORMAT_NAME)
 
     def save(self, path: str | os.PathLike, manifest: CheckpointManifest) -> Path:
         """Write the state dict and ``manifest`` (its checksum set) as one safetensors file, atomically."""
