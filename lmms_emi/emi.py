@@ -23,7 +23,9 @@ Without references only the input terms D_v^½ + D_t^½ are available: a partial
 Everything here is a pure function of tensors (plus a fitted CLUB: an unfitted one raises
 :class:`~lmms_emi.errors.NotFittedError`), with no I/O. Bootstrap replicates reweight the rows of a task by
 their resampling counts and evaluate every replicate's CLUB estimates at once through
-:class:`~lmms_emi.estimators.club_form.WeightedEstimate`, the same closed form as the estimate.
+:class:`~lmms_emi.estimators.club_form.WeightedEstimate`, the same closed form as the estimate, with the
+pairs of a row's copies left out of the negative mean so that the replicates centre on the estimate
+(:meth:`~lmms_emi.estimators.club_form.WeightedEstimate.resampled`).
 
 Other MI estimators (InfoNCE, NWJ, MINE: :class:`~lmms_emi.estimators.critic_mi.CriticMI`) take the same
 paths: :func:`prepare_task` scores every (query, response) and (query, reference) pair of a task once
@@ -214,10 +216,16 @@ class PreparedTask:
 
     @cached_property
     def estimate(self) -> WeightedEstimate:
-        """Î(w) of (z_ŷ, z_y) for bootstrap weights: (2, B) per (B, n) weights."""
+        """Î(w) of (z_ŷ, z_y) for row weights: (2, B) per (B, n) weights."""
         return WeightedEstimate(
             self.mu, self.logvar, (self.emb.z_model, self.emb.z_ref), n_sets=BOOTSTRAP_BATCH
         )
+
+    def replicates(self, counts: torch.Tensor) -> torch.Tensor:
+        """Bootstrap replicates of (Î(z_x; z_ŷ), Î(z_x; z_y)) for (B, n) resampling counts: (2, B), with
+        CLUB's self-pairs at the estimate's share (:meth:`~lmms_emi.estimators.club_form.WeightedEstimate.
+        resampled`)."""
+        return self.estimate.resampled(counts)
 
 
 @dataclass(frozen=True)
@@ -232,11 +240,12 @@ class PreparedCriticTask:
     scores_model: torch.Tensor
     scores_ref: torch.Tensor
 
-    def estimate(self, weights: torch.Tensor) -> torch.Tensor:
-        """Î(w) of (z_ŷ, z_y) for resampling counts: (2, B) per (B, n) weights."""
+    def replicates(self, counts: torch.Tensor) -> torch.Tensor:
+        """Bootstrap replicates of (Î(z_x; z_ŷ), Î(z_x; z_y)) for (B, n) resampling counts: (2, B), the bound
+        on the resampled rows (:func:`~lmms_emi.estimators.mi_bounds.weighted_bounds`)."""
         name = self.club.bound
         return torch.stack(
-            [mi_bounds.weighted_bounds(name, s, weights) for s in (self.scores_model, self.scores_ref)]
+            [mi_bounds.weighted_bounds(name, s, counts) for s in (self.scores_model, self.scores_ref)]
         )
 
 
@@ -632,13 +641,14 @@ def _percentile_bootstrap(
 def _resampled_emi(task: PreparedTask | PreparedCriticTask, index: np.ndarray) -> np.ndarray:
     """EMI for each row of ``index`` (B, m) of resampled row numbers (a 1-D index is one replicate).
 
-    A replicate is the CLUB estimate with row weights w = counts / m (counts: how often each row was drawn),
-    EMI(w) = Î_w(z_x; z_ŷ) − Î_w(z_x; z_y), both targets and all B at once (:attr:`PreparedTask.estimate`).
+    A replicate is EMI* = Î*(z_x; z_ŷ) − Î*(z_x; z_y) on the resample (counts: how often each row was drawn),
+    both targets and all B at once: for CLUB the weighted closed form with its self-pairs at the estimate's
+    share (:meth:`PreparedTask.replicates`), for a critic its bound on the resampled rows.
     """
     index = torch.as_tensor(np.atleast_2d(np.asarray(index)), dtype=torch.long)
     counts = torch.zeros(index.shape[0], task.emb.n, dtype=torch.int32)
     counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.int32))
-    mi_model, mi_ref = task.estimate(counts)
+    mi_model, mi_ref = task.replicates(counts)
     return (mi_model - mi_ref).cpu().numpy()
 
 
@@ -653,8 +663,10 @@ def bootstrap_emi(
     """Percentile bootstrap interval for a task's EMI: samples (rows) are resampled with replacement and
     EMI re-estimated with the fixed estimator. Deterministic for ``seed``.
 
-    Replicate b reweights the rows by w_b = counts_b / n, EMI_b = Î_{w_b}(z_x; z_ŷ) − Î_{w_b}(z_x; z_y), and
-    the interval is the (α/2, 1 − α/2) percentiles of EMI_1..EMI_B for α = 1 − ``confidence_level``.
+    Replicate b is EMI_b = Î*_b(z_x; z_ŷ) − Î*_b(z_x; z_y) on resample b (:func:`_resampled_emi`; for CLUB,
+    :meth:`~lmms_emi.estimators.club_form.WeightedEstimate.resampled`: copies of a row do not count as its
+    negative pairs, so the replicates centre on the estimate), and the interval is the (α/2, 1 − α/2)
+    percentiles of EMI_1..EMI_B for α = 1 − ``confidence_level``.
     """
     task = prepare_task(club, emb, "emb")
     return _percentile_bootstrap(
@@ -735,7 +747,9 @@ def implausible(
     The estimate is Î = Σ_i w_i (pos_i − neg_i) with pos_i = ℓ(y_i|x_i) and neg_i = Σ_j w_j ℓ(y_j|x_i), for
     weights w ≥ 0 summing to 1 (1/N for the estimate, resampling counts / N for a bootstrap replicate).
     Both pos_i and neg_i (a weighted mean of values in [−L, 0]) lie in [−L, 0], so each row's term lies in
-    [−L, L], and so does Î (the leave-one-out form, N/(N−1) times it, is not used here). Hence, with L_T
+    [−L, L], and so does Î (the leave-one-out form, N/(N−1) times it, is not used here). A bootstrap
+    replicate is (1 − 1/m) times Σ_i w_i pos_i minus a weighted mean of ℓ over pairs of distinct rows: in
+    [−L, L] too. Hence, with L_T
     :func:`mi_limit` of task T's M:
 
         |Î(z_x; z_ŷ)|, |Î(z_x; z_y)| ≤ L_T

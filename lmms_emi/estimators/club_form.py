@@ -26,17 +26,35 @@ N×N matrix K = a(y²)ᵀ − 2byᵀ, so many weightings of a small sample of wi
 samples in 768 dims) cost O(N²·d + B·N²) instead of O(B·N·d); the cheaper of the two forms is chosen from
 the shapes.
 
+Bootstrap replicates. A resample drawn with replacement holds copies of rows, and the weighted form counts
+the pairs of a row with its own copies (weight Σ_i w_i², about 2/N on average) in the negative mean, where
+the estimate has only its N self-pairs (weight 1/N). Each replicate is therefore pulled toward 0 by about
+Î/N, and a percentile interval of them sits off-centre: on the demo's 12-sample tasks the estimate lay at
+the 34th percentile of its own replicates on average and at the 9th at worst. A replicate of
+:meth:`WeightedEstimate.resampled` keeps the estimate's share of self-pairs instead: for resampling counts c
+of total m, w = c/m and S = Σ_i w_i² (the weight of the pairs of copies, self-pairs included),
+
+    Î*(c) = (1 − 1/m) · [wᵀpos − (wᵀpos − Î(w) − (w²)ᵀpos) / (1 − S)],
+
+the bracket being the leave-one-out estimate on the resample: its negative mean runs over pairs of distinct
+original rows only (wᵀpos − Î(w) is the weighted negative sum over all pairs, (w²)ᵀpos the part of it on
+copies). Î = (1 − 1/N) times the leave-one-out estimate for every sample (see above), so with every row once
+(c = 1) Î*(c) = Î exactly, and the replicates' median sits at the estimate (the demo: 48th percentile on
+average). A resample of one distinct row has no pair of distinct rows; its Î*(c) is Î(w) = 0.
+
 The functions (all float64 on ``mu``'s device):
 
 - :func:`club_mutual_information` — the point estimate Î (the uniform-weights case of the weighted form);
 - :func:`weighted_club_mutual_information` — Î(w) for B weight vectors at once, and :class:`WeightedEstimate`,
-  the same with the weight-free terms kept for further weightings (the bootstrap);
+  the same with the weight-free terms kept for further weightings, and its bootstrap replicates
+  (:meth:`WeightedEstimate.resampled`);
 - :func:`club_sample_contributions` — the per-sample terms s_i whose mean is Î.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 
@@ -200,6 +218,45 @@ class WeightedEstimate:
             w = weights.to(self.mu.device, torch.float64) / totals[:, None]
             return torch.stack([w @ linear + ((w @ k) * w).sum(dim=1) for linear, k in self._terms])
         return _weighted_mi_moments(self.mu, self.logvar, self.targets, weights, totals)
+
+    def resampled(self, counts: torch.Tensor) -> torch.Tensor:
+        """The bootstrap replicate Î*(c) for each row of resampling ``counts`` (B, n): (T, B) float64, the
+        self-pairs of the negative mean kept at the estimate's share (module docstring). With every row
+        drawn once it is the estimate; ValueError for counts that are not whole numbers.
+
+        Same example as the class's: y = ±1 targets have Î(w) = 4·w₁w₂ and −4·w₁w₂. The resample (1, 1) is
+        the sample itself; (2, 0) holds one distinct row, so no pair of distinct rows: 0.
+
+        >>> y = torch.tensor([[1.0], [-1.0]])
+        >>> WeightedEstimate(y, torch.zeros(2, 1), (y, -y)).resampled(torch.tensor([[1, 1], [2, 0]]))
+        tensor([[ 1.,  0.],
+                [-1.,  0.]], dtype=torch.float64)
+        """
+        counts, m = _checked_weights(counts, self.mu.shape[0], self.mu.device)
+        if not bool((counts == torch.round(counts)).all()):
+            raise ValueError("resampling counts must be whole numbers")
+        plain = self(counts)  # Î(w): (T, B)
+        w = counts.to(self.mu.device, torch.float64) / m[:, None]
+        w2 = w.square()
+        copies = w2.sum(dim=1)  # S: the weight of pairs of copies of one row
+        linear, own = self._positive @ w.T, self._positive @ w2.T  # wᵀpos, (w²)ᵀpos: (T, B)
+        distinct = copies < 1.0 - 1e-12
+        loo = linear - (linear - plain - own) / torch.where(distinct, 1.0 - copies, 1.0)
+        return torch.where(distinct, (1.0 - 1.0 / m) * loo, plain)
+
+    @cached_property
+    def _positive(self) -> torch.Tensor:
+        """pos_i = log q(y_i|x_i) without its constant, per target: (T, n) float64, over row chunks."""
+        rows = []
+        for target in self.targets:
+            parts = []
+            for start in range(0, self.mu.shape[0], CHUNK_ROWS):
+                sl = slice(start, start + CHUNK_ROWS)
+                mu_c, a, _, _ = _variance_terms(self.mu[sl], self.logvar[sl])
+                y_c = target[sl].to(self.mu.device, torch.float64)
+                parts.append((y_c - mu_c).square_().mul_(a).sum(dim=1).neg_())
+            rows.append(torch.cat(parts))
+        return torch.stack(rows)
 
 
 def _check_conditionals(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> None:

@@ -6,8 +6,8 @@ doc id. EMI is no mean of independent per-sample scores (CLUB's negative term co
 task), so the analogue here is a **paired bootstrap**: per task, the two runs' samples are matched by
 question (the image and question embeddings, which depend only on the document; the rows in ``doc_id``
 order when they agree throughout), one set of resampling counts is drawn over the matched questions, and
-both models' EMI is re-estimated on that same resample with one fixed estimator (the weighted closed form of
-the runs' own intervals, :class:`~lmms_emi.estimators.club_form.WeightedEstimate`). The spread of
+both models' EMI is re-estimated on that same resample with one fixed estimator (the replicates of the
+runs' own intervals, :meth:`~lmms_emi.estimators.club_form.WeightedEstimate.resampled`). The spread of
 EMI_A − EMI_B over the replicates gives its percentile interval and a two-sided bootstrap p-value; the
 difference is significant when the interval excludes 0. Per-question terms
 (:func:`~lmms_emi.estimators.club_form.club_sample_contributions`, whose mean is each model's EMI) give the
@@ -260,7 +260,7 @@ def _paired_task(club: Any, task: str, ea: Any, eb: Any, n_resamples: int, seed:
     if n_resamples:
         rng = np.random.default_rng(_task_seed(seed, task))
         counts = torch.as_tensor(rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples))
-        out_a, out_b = pa.estimate(counts), pb.estimate(counts)  # the same resample for both models
+        out_a, out_b = pa.replicates(counts), pb.replicates(counts)  # the same resample for both
         reps_a = (out_a[0] - out_a[1]).cpu().numpy()
         reps_b = (out_b[0] - out_b[1]).cpu().numpy()
     return _Paired(

@@ -422,8 +422,9 @@ def analyze_shift(
 ) -> ShiftAnalysis:
     """EMI per task, EMID / bounds per OOD task against ``id_task``, and their correlations.
 
-    Confidence intervals are percentile bootstraps over samples with the estimator fixed (``n_resamples=0``
-    skips them; a task below :data:`MIN_INTERVAL_SAMPLES` gets none). Tasks without references (or
+    Confidence intervals are percentile bootstraps over samples with the estimator fixed, their replicates
+    centred on the estimate (:func:`lmms_emi.emi.bootstrap_emi`; ``n_resamples=0`` skips them; a task below
+    :data:`MIN_INTERVAL_SAMPLES` gets none). Tasks without references (or
     responses) get EMI None but still the partial bound. Each task's ``warnings`` start with ``notes[task]``
     (e.g. :func:`response_warnings`), then those of the module docstring.
     Raises ValueError naming the task for a task with fewer than 2 samples or inconsistent embeddings, and
