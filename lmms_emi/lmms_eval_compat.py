@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "is_tested",
     "judge_rule_file",
     "judge_sampling_kwargs",
+    "loads_from_disk_shared",
     "model_api",
     "model_manifest",
     "parse_comparative_scores",
@@ -64,6 +66,9 @@ TOUCHPOINTS: dict[str, str] = {
     "ConfigurableTask.process_results/aggregation/higher_is_better/download": "wrapped: EMI added beside the "
     "own metrics of a user's task (--metrics emi; a metric_list in its YAML would replace them), and a "
     "dataset that fails to load named with its task in one line",
+    "datasets.load_from_disk in ConfigurableTask.download": "a local copy read once per run, not once per "
+    "task: download loads the whole saved DatasetDict for each of its tasks (35 times for the 35 splits of "
+    "the synthetic benchmark)",
     "EvaluationTracker.save_results_aggregated": "wrapped: a results file name no concurrent run uses, then "
     "the EMI step run with that very file (lmms-eval has no after-run hook)",
     "EvaluationTracker.save_results_samples": "wrapped: sample logs written before the EMI step, not after",
@@ -137,6 +142,42 @@ def configurable_task_class() -> type:
     from lmms_eval.api.task import ConfigurableTask
 
     return ConfigurableTask
+
+
+@contextmanager
+def loads_from_disk_shared(memo: dict[str, Any]) -> Iterator[None]:
+    """While inside, ``datasets.load_from_disk`` reads a local folder once per ``memo``: ``ConfigurableTask.
+    download`` calls it with the path alone (``dataset_kwargs: {load_from_disk: true}``) and keeps the whole
+    ``DatasetDict`` for every task, so a benchmark of 35 tasks on one 35-split folder read it 35 times (0.1 s
+    each on 2 cores). A later call for the same folder returns a new ``DatasetDict`` over the same splits:
+    lmms-eval assigns its processed splits into that dict, which is the task's own, and modifies no split in
+    place (``Dataset`` methods return new datasets). A call with other arguments, or for a path that is not a
+    local folder, goes to ``datasets`` as it is. Nested use is a no-op."""
+    import datasets
+
+    original = datasets.load_from_disk
+    if getattr(original, "_lmms_emi_shared", False):
+        yield
+        return
+
+    def load_from_disk(*args: Any, **kwargs: Any) -> Any:
+        path = kwargs["dataset_path"] if not args and set(kwargs) == {"dataset_path"} else None
+        if len(args) == 1 and not kwargs:
+            path = args[0]
+        if path is None or not Path(str(path)).is_dir():
+            return original(*args, **kwargs)
+        key = str(Path(str(path)).resolve())
+        if key not in memo:
+            memo[key] = original(*args, **kwargs)
+        loaded = memo[key]
+        return datasets.DatasetDict(loaded) if isinstance(loaded, datasets.DatasetDict) else loaded
+
+    load_from_disk._lmms_emi_shared = True  # type: ignore[attr-defined]
+    datasets.load_from_disk = load_from_disk
+    try:
+        yield
+    finally:
+        datasets.load_from_disk = original
 
 
 # ------------------------------------------------------------------------------------------ task index

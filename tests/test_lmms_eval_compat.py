@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -95,6 +96,62 @@ def test_task_methods_wrapped_for_metrics_emi() -> None:
         assert _parameters(task.process_results)[:3] == ["self", "doc", "results"]
         assert _parameters(task.aggregation) == ["self"] and _parameters(task.higher_is_better) == ["self"]
         assert _parameters(task.download)[0] == "self"
+
+
+def test_a_local_copy_is_read_once_per_run_and_each_task_gets_its_own_dict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a run, the tasks of one saved DatasetDict read it once (lmms-eval's download reads the whole
+    folder for each task); each task still holds its own dict with its own processed split. Without a run
+    every task reads it, as lmms-eval does."""
+    import datasets
+    from PIL import Image
+
+    from lmms_emi.harness import overrides, patches
+
+    splits = ["llava_bench_coco", "llava_bench_coco_sr_4"]
+    text = datasets.Value("string")
+    tiny = datasets.Dataset.from_dict(
+        {
+            "image": [Image.new("RGB", (8, 8))] * 3,
+            "question": ["q0", "q1", "q2"],
+            "reference_answer": list("abc"),
+        },
+        features=datasets.Features({"image": datasets.Image(), "question": text, "reference_answer": text}),
+    )
+    datasets.DatasetDict(dict.fromkeys(splits, tiny)).save_to_disk(str(tmp_path / "d"))
+    include = overrides.build_include_dir(
+        tmp_path / "run", overrides.parse_data_args([str(tmp_path / "d")]), paths.tasks_dir()
+    )
+    reads: list[str] = []
+    real = datasets.load_from_disk
+
+    def counted(*args: object, **kwargs: object) -> object:
+        reads.append(str(kwargs.get("dataset_path", args[0] if args else "")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_from_disk", counted)
+    names = [f"lbshift_syn_{split}" for split in splits]
+    run = SimpleNamespace(
+        include_paths=[], config=SimpleNamespace(builtin_tasks=False), task_manager_built=lambda manager: None
+    )
+    patches.install_patches()
+    with contract("datasets.load_from_disk in ConfigurableTask.download"):
+        monkeypatch.setattr(patches, "_ACTIVE", run)
+        manager = compat.task_manager_class()(include_defaults=False, include_path=str(include))
+        tasks = manager.load_task_or_group(names)
+        assert len(reads) == 1 and Path(reads[0]).resolve() == (tmp_path / "d").resolve()
+        first, second = (tasks[name] for name in names)
+        assert first.dataset is not second.dataset  # each task's own dict
+        assert first.test_docs()[1]["question"] == second.test_docs()[1]["question"] == "q1"
+        assert datasets.load_from_disk is counted  # restored after each task's download
+        monkeypatch.setattr(patches, "_ACTIVE", None)
+        manager.load_task_or_group(names)
+        assert len(reads) == 3
+    with compat.loads_from_disk_shared({}):
+        datasets.load_from_disk(str(tmp_path / "d"), keep_in_memory=False)  # other arguments: not shared
+        datasets.load_from_disk(str(tmp_path / "d"), keep_in_memory=False)
+    assert len(reads) == 5
 
 
 def test_tracker_writes_the_results_file_where_compat_says(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@
 run uses, then the run finished with the very file lmms-eval wrote) and ``save_results_samples``, and of
 ``ConfigurableTask``'s ``process_results`` / ``aggregation`` / ``higher_is_better`` (EMI beside a
 ``--metrics emi`` task's own metrics) and ``download`` (a dataset that fails to load is one line naming the
-task). The classes come from :mod:`lmms_emi.lmms_eval_compat`, the one boundary with lmms-eval. Without an
+task; a local copy is read once per run, :func:`~lmms_emi.lmms_eval_compat.loads_from_disk_shared`). The
+classes come from :mod:`lmms_emi.lmms_eval_compat`, the one boundary with lmms-eval. Without an
 active run every wrapper calls the original only.
 """
 
@@ -25,6 +26,7 @@ from lmms_emi.errors import DataPathError
 __all__ = ["PATCH_MARK", "RESULTS_SUFFIX", "activate", "active", "install_patches"]
 
 _ACTIVE: Any = None  # the active lmms_emi.harness.launch.EvalRun
+_LOADED: dict[str, Any] = {}  # the active run's local dataset folders (compat.loads_from_disk_shared)
 PATCH_MARK = "__lmms_emi_patch__"
 
 
@@ -39,6 +41,7 @@ def activate(prep: Any) -> None:
     if prep is not None:
         install_patches()
     _ACTIVE = prep
+    _LOADED.clear()
 
 
 def install_patches() -> None:
@@ -111,7 +114,8 @@ def _download(original: Any, signature: inspect.Signature) -> Any:
         if prep is None:
             return original(self, *args, **kwargs)
         try:
-            return original(self, *args, **kwargs)
+            with compat.loads_from_disk_shared(_LOADED):  # a local copy read once per run, not per task
+                return original(self, *args, **kwargs)
         except Exception as exc:  # a task's dataset failed to load: one line naming it, and how to fix it
             prep.fail(_dataset_error(self, exc))
 
