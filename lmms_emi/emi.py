@@ -30,9 +30,9 @@ pairs of a row's copies left out of the negative mean so that the replicates cen
 Other MI estimators (InfoNCE, NWJ, MINE: :class:`~lmms_emi.estimators.critic_mi.CriticMI`) take the same
 paths: :func:`prepare_task` scores every (query, response) and (query, reference) pair of a task once
 (:class:`PreparedCriticTask`), Î is the fitted critic's bound on those N×N scores and a bootstrap replicate
-is the same bound on the resampled rows with the critic fixed (:func:`~lmms_emi.estimators.mi_bounds.
-weighted_bounds`). Other JSD estimators (MMD) replace RJSD in every divergence term
-(``jsd_estimator=``, :data:`~lmms_emi.estimators.families.JSD_ESTIMATORS`).
+is the same bound on the resampled rows with the critic fixed, a row's copies not among its negatives
+(:func:`~lmms_emi.estimators.mi_bounds.resampled_bounds`). Other JSD estimators (MMD) replace RJSD in every
+divergence term (``jsd_estimator=``, :data:`~lmms_emi.estimators.families.JSD_ESTIMATORS`).
 
 Every number is checked against what the math allows before it is published (:func:`implausible`, with
 the derivation); a value outside that range comes from a corrupt estimator or a numerical fault.
@@ -242,10 +242,11 @@ class PreparedCriticTask:
 
     def replicates(self, counts: torch.Tensor) -> torch.Tensor:
         """Bootstrap replicates of (Î(z_x; z_ŷ), Î(z_x; z_y)) for (B, n) resampling counts: (2, B), the bound
-        on the resampled rows (:func:`~lmms_emi.estimators.mi_bounds.weighted_bounds`)."""
+        on the resampled rows with a row's copies not among its negatives
+        (:func:`~lmms_emi.estimators.mi_bounds.resampled_bounds`)."""
         name = self.club.bound
         return torch.stack(
-            [mi_bounds.weighted_bounds(name, s, counts) for s in (self.scores_model, self.scores_ref)]
+            [mi_bounds.resampled_bounds(name, s, counts) for s in (self.scores_model, self.scores_ref)]
         )
 
 

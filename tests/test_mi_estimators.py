@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -88,6 +89,55 @@ def test_weighted_bounds_equal_the_bound_of_the_resampled_matrix(name):
     for b in range(4):
         resampled = s[idx[b]][:, idx[b]]
         assert float(got[b]) == pytest.approx(mi_bounds.bound_from_scores(name, resampled), abs=1e-10)
+
+
+def _replicate_by_positions(name: str, s: torch.Tensor, idx: torch.Tensor) -> float:
+    """Oracle of a bootstrap replicate: over the positions of the resample, each position's negatives are the
+    positions holding other rows (InfoNCE: its positive once, weight 1/m, and the others' mean with the rest,
+    as in the estimate; NWJ / DV: the mean over pairs of positions of distinct rows)."""
+    m = len(idx)
+    r = s[idx][:, idx]
+    other = idx[:, None] != idx[None, :]
+    positive = float(r.diagonal().mean())
+    if name == "infonce":
+        terms = [
+            float(r[a, a] - torch.log((torch.exp(r[a, a]) + (m - 1) * torch.exp(r[a][other[a]]).mean()) / m))
+            for a in range(m)
+        ]
+        return sum(terms) / m
+    mean_off = float(torch.exp(r[other]).mean())
+    return positive - (mean_off / math.e if name == "nwj" else math.log(mean_off))
+
+
+@pytest.mark.parametrize("name", BOUNDS)
+def test_bootstrap_replicates_of_a_bound_equal_the_oracle_and_the_estimate_for_every_row_once(name):
+    gen = torch.Generator().manual_seed(6)
+    s = torch.randn(7, 7, generator=gen, dtype=torch.float64)
+    idx = torch.randint(7, (4, 7), generator=gen)
+    counts = torch.zeros(4, 7).scatter_add_(1, idx, torch.ones(4, 7))
+    got = mi_bounds.resampled_bounds(name, s, counts)
+    for b in range(4):
+        assert float(got[b]) == pytest.approx(_replicate_by_positions(name, s, idx[b]), abs=1e-10)
+    once = mi_bounds.resampled_bounds(name, s, torch.ones(1, 7))
+    assert float(once[0]) == pytest.approx(mi_bounds.bound_from_scores(name, s), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", BOUNDS)
+def test_bootstrap_replicates_of_a_bound_centre_on_the_estimate(name):
+    """12 rows of a critic with real dependence: the estimate sits near the median of its replicates (44th to
+    50th percentile); the plain bound of the resampled matrix (copies among a row's negatives) leaves it above
+    76 % (InfoNCE) to 84 % (NWJ, DV) of them."""
+    gen = torch.Generator().manual_seed(0)
+    below, below_plain = [], []
+    for t in range(30):
+        x = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+        s = x @ (x + 1.5 * torch.randn(12, 8, generator=gen, dtype=torch.float64)).T / 4
+        point = mi_bounds.bound_from_scores(name, s)
+        counts = torch.as_tensor(np.random.default_rng(t).multinomial(12, np.full(12, 1 / 12), size=2000))
+        below.append(float((mi_bounds.resampled_bounds(name, s, counts) < point).double().mean()))
+        below_plain.append(float((mi_bounds.weighted_bounds(name, s, counts) < point).double().mean()))
+    assert 0.4 <= np.mean(below) <= 0.6
+    assert np.mean(below_plain) > 0.7
 
 
 def test_mine_surrogate_has_the_dv_gradient_with_the_running_mean():
