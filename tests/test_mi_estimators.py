@@ -78,13 +78,18 @@ def test_row_blocks_and_weighted_forms_agree_with_the_whole_matrix(name):
     assert float(mi_bounds.training_bound(name, s)) == pytest.approx(whole, abs=1e-12)
 
 
+def _scores_and_resamples(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random 7×7 score matrix, 4 resamples of its rows (row numbers) and their counts."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(7, 7, generator=gen, dtype=torch.float64)
+    idx = torch.randint(7, (4, 7), generator=gen)
+    return s, idx, torch.zeros(4, 7).scatter_add_(1, idx, torch.ones(4, 7))
+
+
 @pytest.mark.parametrize("name", BOUNDS)
 def test_weighted_bounds_equal_the_bound_of_the_resampled_matrix(name):
     """Brute-force oracle: resample the rows (with repeats), build S[idx][:, idx], take its bound."""
-    gen = torch.Generator().manual_seed(5)
-    s = torch.randn(7, 7, generator=gen, dtype=torch.float64)
-    idx = torch.randint(7, (4, 7), generator=gen)
-    counts = torch.zeros(4, 7).scatter_add_(1, idx, torch.ones(4, 7))
+    s, idx, counts = _scores_and_resamples(5)
     got = mi_bounds.weighted_bounds(name, s, counts)
     for b in range(4):
         resampled = s[idx[b]][:, idx[b]]
@@ -111,10 +116,7 @@ def _replicate_by_positions(name: str, s: torch.Tensor, idx: torch.Tensor) -> fl
 
 @pytest.mark.parametrize("name", BOUNDS)
 def test_bootstrap_replicates_of_a_bound_equal_the_oracle_and_the_estimate_for_every_row_once(name):
-    gen = torch.Generator().manual_seed(6)
-    s = torch.randn(7, 7, generator=gen, dtype=torch.float64)
-    idx = torch.randint(7, (4, 7), generator=gen)
-    counts = torch.zeros(4, 7).scatter_add_(1, idx, torch.ones(4, 7))
+    s, idx, counts = _scores_and_resamples(6)
     got = mi_bounds.resampled_bounds(name, s, counts)
     for b in range(4):
         assert float(got[b]) == pytest.approx(_replicate_by_positions(name, s, idx[b]), abs=1e-10)
