@@ -7,7 +7,7 @@ task), so the analogue here is a **paired bootstrap**: per task, the two runs' s
 question (the image and question embeddings, which depend only on the document; the rows in ``doc_id``
 order when they agree throughout), one set of resampling counts is drawn over the matched questions, and
 both models' EMI is re-estimated on that same resample with one fixed estimator (the replicates of the
-runs' own intervals, :meth:`~lmms_emi.estimators.club_form.WeightedEstimate.resampled`). The spread of
+runs' own intervals, :meth:`~lmms_emi.emi.PreparedTask.replicates`). The spread of
 EMI_A − EMI_B over the replicates gives its percentile interval and a two-sided bootstrap p-value; the
 difference is significant when the interval excludes 0. Per-question terms
 (:func:`~lmms_emi.estimators.club_form.club_sample_contributions`, whose mean is each model's EMI) give the
