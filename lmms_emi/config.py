@@ -39,6 +39,7 @@ __all__ = [
     "EstimatorChoice",
     "environment_variables",
     "option_variable",
+    "valid_entropy_scale",
     "value_kind",
 ]
 
@@ -54,6 +55,18 @@ ESTIMATE = "estimate"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 _OFF = ("off", "none", "false")  # a cache turned off
+
+
+def valid_entropy_scale(value: object) -> bool:
+    """Whether ``value`` is an entropy scale Ĥ of the theorem's bound: None (the scale-adjusted form),
+    :data:`ESTIMATE` or a finite number >= 0 (the one rule; each caller says it in its own terms).
+
+    >>> [valid_entropy_scale(v) for v in (None, "estimate", 2.5, 0, -1.0, float("nan"), "lots")]
+    [True, True, True, True, False, False, False]
+    """
+    if value is None or value == ESTIMATE:
+        return True
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
 
 
 # ------------------------------------------------------------------------------------------- estimator
@@ -303,9 +316,7 @@ class EMIConfig:
                 raise UsageError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
         if not 0 < self.confidence < 1:
             raise UsageError(f"--confidence must be in (0, 1), got {self.confidence}")
-        if isinstance(self.entropy_scale, float) and not (
-            math.isfinite(self.entropy_scale) and self.entropy_scale >= 0
-        ):
+        if not valid_entropy_scale(self.entropy_scale):
             raise UsageError(f"--entropy-scale must be a finite number >= 0, got {self.entropy_scale}")
         if not (math.isfinite(self.judge_timeout) and self.judge_timeout > 0):
             raise UsageError(

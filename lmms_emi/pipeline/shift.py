@@ -40,7 +40,7 @@ from scipy import stats
 
 from lmms_emi import emi as emi_lib
 from lmms_emi import scenarios as sc
-from lmms_emi.config import ESTIMATE, EMIConfig
+from lmms_emi.config import ESTIMATE, EMIConfig, valid_entropy_scale
 from lmms_emi.emi import TaskEmbeddings
 from lmms_emi.errors import ImplausibleResultError, UsageError
 from lmms_emi.estimators.club import CLUB
@@ -84,15 +84,7 @@ class AnalysisSettings:
     jsd_estimator: str = DEFAULT_JSD_ESTIMATOR
 
     def __post_init__(self) -> None:
-        if (
-            self.entropy_scale is not None
-            and self.entropy_scale != ESTIMATE
-            and not (
-                isinstance(self.entropy_scale, (int, float))
-                and math.isfinite(self.entropy_scale)
-                and self.entropy_scale >= 0
-            )
-        ):
+        if not valid_entropy_scale(self.entropy_scale):
             raise UsageError(
                 f"the entropy scale must be a finite number >= 0 or {ESTIMATE!r}, got {self.entropy_scale!r}"
             )
