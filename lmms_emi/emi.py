@@ -749,7 +749,7 @@ def implausible(
     weights w ≥ 0 summing to 1 (1/N for the estimate, resampling counts / N for a bootstrap replicate).
     Both pos_i and neg_i (a weighted mean of values in [−L, 0]) lie in [−L, 0], so each row's term lies in
     [−L, L], and so does Î (the leave-one-out form, N/(N−1) times it, is not used here). A bootstrap
-    replicate is (1 − 1/m) times Σ_i w_i pos_i minus a weighted mean of ℓ over pairs of distinct rows: in
+    replicate is (1 − 1/m) times [Σ_i w_i pos_i minus a weighted mean of ℓ over pairs of distinct rows]: in
     [−L, L] too. Hence, with L_T
     :func:`mi_limit` of task T's M:
 

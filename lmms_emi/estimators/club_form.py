@@ -127,7 +127,7 @@ def club_sample_contributions(
     rows = []
     for target in targets:
         y64 = target.to(mu.device, torch.float64)
-        pos = -((y64 - mu64) ** 2 * a).sum(dim=1)  # log q(y_i|x_i) without its constant
+        pos = _own_log_density(y64, mu64, a)
         m1, m2 = y64.mean(dim=0), (y64**2).mean(dim=0)  # 1/N Σ_j (y_j − μ_i)² = m2 − 2μ_i m1 + μ_i²
         neg = -((m2 - 2 * mu64 * m1 + mu64**2) * a).sum(dim=1)
         rows.append(pos - neg)
@@ -213,7 +213,10 @@ class WeightedEstimate:
         self._terms = _gram_terms(mu, logvar, self.targets) if gram else None  # None: the moments form
 
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
-        weights, totals = _checked_weights(weights, self.mu.shape[0], self.mu.device)
+        return self._weighted(*_checked_weights(weights, self.mu.shape[0], self.mu.device))
+
+    def _weighted(self, weights: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+        """Î(w) for checked weights and their row sums."""
         if self._terms is not None:
             w = weights.to(self.mu.device, torch.float64) / totals[:, None]
             return torch.stack([w @ linear + ((w @ k) * w).sum(dim=1) for linear, k in self._terms])
@@ -235,7 +238,7 @@ class WeightedEstimate:
         counts, m = _checked_weights(counts, self.mu.shape[0], self.mu.device)
         if not bool((counts == torch.round(counts)).all()):
             raise ValueError("resampling counts must be whole numbers")
-        plain = self(counts)  # Î(w): (T, B)
+        plain = self._weighted(counts, m)  # Î(w): (T, B)
         w = counts.to(self.mu.device, torch.float64) / m[:, None]
         w2 = w.square()
         copies = w2.sum(dim=1)  # S: the weight of pairs of copies of one row
@@ -254,7 +257,7 @@ class WeightedEstimate:
                 sl = slice(start, start + CHUNK_ROWS)
                 mu_c, a, _, _ = _variance_terms(self.mu[sl], self.logvar[sl])
                 y_c = target[sl].to(self.mu.device, torch.float64)
-                parts.append((y_c - mu_c).square_().mul_(a).sum(dim=1).neg_())
+                parts.append(_own_log_density(y_c, mu_c, a))
             rows.append(torch.cat(parts))
         return torch.stack(rows)
 
@@ -287,6 +290,11 @@ def _gram_is_cheaper(n: int, d: int, n_sets: int, n_targets: int) -> bool:
     return n <= d and gram < moments
 
 
+def _own_log_density(y: torch.Tensor, mu: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """pos_i = log q(y_i|x_i) without its constant, −Σ_d (y_id − μ_id)² a_id with a = 1/(2σ²): (n,)."""
+    return (y - mu).square_().mul_(a).sum(dim=1).neg_()
+
+
 def _variance_terms(
     mu: torch.Tensor, logvar: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,7 +313,7 @@ def _gram_terms(
     terms = []
     for target in targets:
         y64 = target.to(mu.device, torch.float64)
-        pos = (y64 - mu64).square_().mul_(a).sum(dim=1).neg_()
+        pos = _own_log_density(y64, mu64, a)
         k = a @ y64.square().T
         k.addmm_(b, y64.T, alpha=-2.0)
         terms.append((pos + c, k))
@@ -340,7 +348,7 @@ def _weighted_mi_moments(
         wb.addmm_(w, b)
         for t, target in enumerate(targets):
             y_c = target[rows].to(device, f64, copy=True)  # a copy: squared in place below
-            pos = (y_c - mu_c).square_().mul_(a).sum(dim=1).neg_()
+            pos = _own_log_density(y_c, mu_c, a)
             linear[t].addmv_(w, pos + c)
             wy[t].addmm_(w, y_c)
             wy2[t].addmm_(w, y_c.square_())
